@@ -1,0 +1,3 @@
+"""workflowd: self-healing automation for Celery clusters."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""Actions: retry through the broker, Slack posts and webhook calls."""

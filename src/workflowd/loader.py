@@ -58,14 +58,14 @@ class FileResult:
         return not self.errors
 
 
-def _key_path(path: tuple[str | int, ...]) -> str:
+def key_path(path: tuple[str | int, ...]) -> str:
     out = ""
     for p in path:
         out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else p)
     return out
 
 
-def _data_path(loc: tuple[str | int, ...], data: Any) -> tuple[str | int, ...]:
+def data_path(loc: tuple[str | int, ...], data: Any) -> tuple[str | int, ...]:
     """Pydantic's error location with union-member and tag names taken out."""
     path: list[str | int] = []
     cur = data
@@ -108,7 +108,7 @@ def _allowed_keys(path: tuple[str | int, ...], data: Any) -> tuple[str, ...]:
     return ()
 
 
-def _message(err: Mapping[str, Any], path: tuple[str | int, ...], data: Any) -> str:
+def error_message(err: Mapping[str, Any], path: tuple[str | int, ...], data: Any) -> str:
     kind = err["type"]
     if kind == "extra_forbidden":
         key = str(path[-1])
@@ -163,7 +163,7 @@ def _type_name(value: Any) -> str:
     }.get(type(value), type(value).__name__)
 
 
-def _expand_env(
+def expand_env(
     data: Any,
     path: tuple[str | int, ...],
     env: Mapping[str, str],
@@ -177,9 +177,9 @@ def _expand_env(
             problems.append((path, str(exc)))
             return data
     if isinstance(data, dict):
-        return {k: _expand_env(v, (*path, k), env, secrets, problems) for k, v in data.items()}
+        return {k: expand_env(v, (*path, k), env, secrets, problems) for k, v in data.items()}
     if isinstance(data, list):
-        return [_expand_env(v, (*path, i), env, secrets, problems) for i, v in enumerate(data)]
+        return [expand_env(v, (*path, i), env, secrets, problems) for i, v in enumerate(data)]
     return data
 
 
@@ -216,7 +216,7 @@ def _issue(
     severity: Severity = Severity.ERROR,
 ) -> Issue:
     mark = doc.mark_for(path, key=key)
-    return Issue(filename, mark.line, mark.column, _key_path(path), message, severity)
+    return Issue(filename, mark.line, mark.column, key_path(path), message, severity)
 
 
 def _load_document(
@@ -235,7 +235,7 @@ def _load_document(
         ]
     problems: list[tuple[tuple[str | int, ...], str]] = []
     secrets: dict[str, str] = {}
-    data = _expand_env(doc.data, (), env, secrets, problems)
+    data = expand_env(doc.data, (), env, secrets, problems)
     issues = [_issue(doc, filename, p, m) for p, m in problems]
     result.secrets.update(secrets)
     if issues:
@@ -244,7 +244,7 @@ def _load_document(
         wf = model.Workflow.model_validate(data)
     except ValidationError as exc:
         for err in exc.errors():
-            path = _data_path(tuple(err["loc"]), data)
+            path = data_path(tuple(err["loc"]), data)
             if err["type"] == "union_tag_invalid":
                 path = (*path, "type")
             issues.append(
@@ -252,7 +252,7 @@ def _load_document(
                     doc,
                     filename,
                     path,
-                    _message(err, path, data),
+                    error_message(err, path, data),
                     key=err["type"] == "extra_forbidden",
                 )
             )

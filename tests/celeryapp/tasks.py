@@ -35,7 +35,7 @@ def _task(name: str, **options: Any) -> _TaskDecorator:
     return cast(_TaskDecorator, app.task(name=name, **options))
 
 
-class SMTPException(Exception):  # noqa: N818  # mimics smtplib's naming on purpose
+class SMTPException(Exception):  # mimics smtplib's naming on purpose
     """Stand-in for ``smtplib.SMTPException`` raised by ``myapp.tasks.send_email``."""
 
 
@@ -79,7 +79,7 @@ def fail_until(key: str, succeed_after: int) -> dict[str, int]:
     same db).  The call with count ``>= succeed_after`` succeeds and returns
     ``{"calls": count}``.
     """
-    count = int(cast(int, _redis().incr(key)))
+    count = int(_redis().incr(key))
     if count < int(succeed_after):
         raise ConnectionError(f"upstream refused (call {count} of {succeed_after})")
     return {"calls": count}

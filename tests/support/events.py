@@ -96,9 +96,7 @@ class EventCollector:
         while not self._stop.is_set():
             try:
                 with self.app.connection_for_read() as conn:
-                    self._receiver = self.app.events.Receiver(
-                        conn, handlers={"*": self._on_event}
-                    )
+                    self._receiver = self.app.events.Receiver(conn, handlers={"*": self._on_event})
                     if self._stop.is_set():
                         return
                     self._receiver.capture(limit=None, timeout=None, wakeup=False)
@@ -107,7 +105,7 @@ class EventCollector:
             self._stop.wait(0.2)
 
     # -- queries -------------------------------------------------------------------------
-    def events(self, type: str | None = None, **fields: Any) -> list[Event]:  # noqa: A002
+    def events(self, type: str | None = None, **fields: Any) -> list[Event]:
         """Events received so far, optionally filtered by type and exact field values."""
         with self._cond:
             return [e for e in self._events if _matches(e, type, fields)]
@@ -118,7 +116,7 @@ class EventCollector:
 
     def wait_for_event(
         self,
-        type: str | None = None,  # noqa: A002
+        type: str | None = None,
         timeout: float = 10.0,
         predicate: Callable[[Event], bool] | None = None,
         **fields: Any,
@@ -144,7 +142,10 @@ class EventCollector:
             return found
 
     def assert_no_event(
-        self, type: str | None = None, within: float = 3.0, **fields: Any  # noqa: A002
+        self,
+        type: str | None = None,
+        within: float = 3.0,
+        **fields: Any,
     ) -> None:
         """Wait ``within`` seconds and fail if a matching event was received."""
         time.sleep(within)
@@ -156,7 +157,7 @@ class EventCollector:
         wait_for(lambda: predicate(self.events()), timeout, message="event predicate")
 
 
-def _matches(event: Event, type: str | None, fields: dict[str, Any]) -> bool:  # noqa: A002
+def _matches(event: Event, type: str | None, fields: dict[str, Any]) -> bool:
     if type is not None and event.get("type") != type:
         return False
     return all(event.get(k) == v for k, v in fields.items())

@@ -214,4 +214,3 @@ def http_sink() -> Iterator[HttpSink]:
     """A started :class:`HttpSink` on 127.0.0.1; stopped at teardown."""
     with HttpSink() as sink:
         yield sink
-

@@ -13,7 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import urlsplit
 
-__all__ = ["HttpSink", "RecordedRequest", "Behaviour"]
+__all__ = ["Behaviour", "HttpSink", "RecordedRequest"]
 
 LOCALHOST = "127.0.0.1"
 _NO_JSON = object()
@@ -93,7 +93,7 @@ class _Handler(BaseHTTPRequestHandler):
         finally:
             self.server.sink._untrack(self.connection)
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+    def log_message(self, format: str, *args: Any) -> None:
         pass  # keep pytest output clean
 
     def _read_body(self) -> bytes:
@@ -136,9 +136,11 @@ class _Handler(BaseHTTPRequestHandler):
             # Sink is stopping: drop the connection without an answer.
             self.close_connection = True
             return
-        payload = behaviour.body if behaviour.body is not None else json.dumps(
-            {"status": status}
-        ).encode()
+        payload = (
+            behaviour.body
+            if behaviour.body is not None
+            else json.dumps({"status": status}).encode()
+        )
         self.send_response(status)
         self.send_header("Content-Type", behaviour.content_type)
         self.send_header("Content-Length", str(len(payload)))
@@ -179,7 +181,9 @@ class HttpSink:
         self.port = int(server.server_address[1])
         self._server = server
         self._thread = threading.Thread(
-            target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True,
+            target=server.serve_forever,
+            kwargs={"poll_interval": 0.05},
+            daemon=True,
             name=f"httpsink-{self.port}",
         )
         self._thread.start()
@@ -222,6 +226,7 @@ class HttpSink:
         self,
         path: str,
         statuses: Sequence[int] = (200,),
+        *,
         retry_after: float | str | None = None,
         delay: float | Sequence[float] = 0.0,
         body: bytes | str | Any = None,

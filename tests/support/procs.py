@@ -260,13 +260,12 @@ class RedisServer:
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM, bounded wait, then SIGKILL. Idempotent."""
         proc, self._proc = self._proc, None
-        if proc is not None:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                if not _wait_proc(proc, timeout):
-                    _killpg(proc.pid, signal.SIGKILL)
-                    proc.kill()
-                    _wait_proc(proc, 5.0)
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            if not _wait_proc(proc, timeout):
+                _killpg(proc.pid, signal.SIGKILL)
+                proc.kill()
+                _wait_proc(proc, 5.0)
         if self._log is not None:
             self._log.close()
             self._log = None

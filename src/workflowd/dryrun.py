@@ -20,7 +20,8 @@ from typing import Any
 import httpx
 
 from workflowd import matching, model
-from workflowd.actions import http
+from workflowd.actions import notify
+from workflowd.actions.notify import webhook_body
 from workflowd.context import TriggerContext
 from workflowd.envref import Redactor, redact_url
 from workflowd.errors import DeliveryError
@@ -288,27 +289,6 @@ def plan(
     return redacted
 
 
-def webhook_body(action: model.WebhookAction, variables: dict[str, object]) -> Any:
-    if action.body is not None:
-        return model.render_body(action.body, variables)
-    body = {key: variables.get(key) for key in DEFAULT_BODY_KEYS}
-    body["workflow"] = variables["workflow_name"]
-    return body
-
-
-DEFAULT_BODY_KEYS = (
-    "workflow",
-    "trigger",
-    "timestamp",
-    "task_id",
-    "task_name",
-    "queue",
-    "worker",
-    "exception",
-    "failure_count",
-)
-
-
 def _event_dict(ctx: TriggerContext) -> dict[str, Any]:
     v = ctx.variables("")
     keys = (
@@ -339,38 +319,16 @@ async def send(lw: LoadedWorkflow, ctx: TriggerContext, redactor: Redactor) -> l
             if isinstance(action, model.RetryAction):
                 out.append({"type": "retry", "status": "not sent (dry run never retries)"})
                 continue
-            if isinstance(action, model.SlackAction):
-                method, url, body, headers, timeout = (
-                    "POST",
-                    action.webhook_url,
-                    {"text": action.template.render(variables)},
-                    None,
-                    10.0,
-                )
-            else:
-                method, url, body, headers, timeout = (
-                    action.method,
-                    action.url,
-                    webhook_body(action, variables),
-                    action.headers,
-                    action.timeout_seconds,
-                )
             try:
-                d = await http.deliver(
-                    client,
-                    method,
-                    url,
-                    json_body=body,
-                    headers=headers,
-                    timeout=timeout,
-                    retries=0,
+                delivery, detail = await notify.send(
+                    client, notify.request_for(action, variables), retries=0
                 )
                 out.append(
                     {
                         "type": action.type,
                         "status": "sent",
-                        "http_status": d.status,
-                        "duration_ms": d.duration_ms,
+                        **detail,
+                        "duration_ms": delivery.duration_ms,
                     }
                 )
             except DeliveryError as exc:

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
 
-from workflowd import dryrun, loader, model, settings
-from workflowd.durations import format_seconds
-from workflowd.errors import ConfigError, Issue
+from workflowd import dryrun, history, loader, model, settings
+from workflowd.durations import format_seconds, parse_duration
+from workflowd.errors import ConfigError, Issue, StoreError
 
 EXIT_OK, EXIT_INVALID, EXIT_USAGE, EXIT_WARNINGS = 0, 1, 2, 3
 
@@ -228,6 +230,206 @@ def render_plan(r: dict[str, Any]) -> str:
     for s in r.get("sent", []):
         out.append(f"sent: {json.dumps(s)}")
     return "\n".join(out) + "\n"
+
+
+@main.command()
+@settings_options("config", "workflows_dir", "database", "broker_url", "result_backend")
+@click.option(
+    "--log-level",
+    default="info",
+    show_default=True,
+    type=click.Choice(["debug", "info", "warning", "error"]),
+)
+def run(log_level: str, **flags: Any) -> None:
+    """Run the daemon: load workflows, consume events, act, record history."""
+    from workflowd import daemon
+
+    cfg = load_settings(**flags)
+    if not cfg.workflows_dir.is_dir():
+        _err(f"error: workflows directory {cfg.workflows_dir} does not exist")
+        sys.exit(EXIT_INVALID)
+    sys.exit(daemon.run(cfg, log_level=log_level))
+
+
+def _open_store(cfg: settings.Settings) -> history.Store:
+    try:
+        return history.Store(cfg.database, readonly=True)
+    except StoreError as exc:
+        _err(f"error: {exc}")
+        sys.exit(EXIT_INVALID)
+
+
+def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    if not rows:
+        return "(none)"
+    cells = [[("" if r.get(c) is None else str(r.get(c))) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True))]
+    lines += [
+        "  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip() for row in cells
+    ]
+    return "\n".join(lines)
+
+
+def _duration(_: Any, __: Any, value: str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        return parse_duration(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+@main.command("history")
+@click.argument("name", required=False)
+@click.option("--since", callback=_duration, help="only runs started this long ago: 90s, 2h, 7d")
+@click.option("--outcome", type=click.Choice(history.OUTCOMES), help="only runs with this outcome")
+@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="a JSON array")
+@settings_options("config", "database")
+def history_cmd(
+    name: str | None,
+    since: float | None,
+    outcome: str | None,
+    limit: int,
+    as_json: bool,
+    **flags: Any,
+) -> None:
+    """Workflow runs, newest first (all workflows, or NAME)."""
+    cfg = load_settings(**flags)
+    store = _open_store(cfg)
+    rows = store.runs(
+        name, since=None if since is None else time.time() - since, outcome=outcome, limit=limit
+    )
+    if as_json:
+        _emit_json(rows)
+        return
+    for r in rows:
+        acts = ", ".join(f"{a['type']}:{a['status']}" for a in r["actions"]) or "-"
+        r["actions_summary"] = acts
+        r["breaker"] = "{state} {count}/{limit}".format(
+            **{"state": "?", "count": "?", "limit": "?", **r["circuit_breaker"]}
+        )
+    click.echo(
+        _table(
+            rows,
+            [
+                "id",
+                "started_at",
+                "workflow",
+                "trigger",
+                "task_id",
+                "task_name",
+                "outcome",
+                "reason",
+                "actions_summary",
+                "breaker",
+            ],
+        )
+    )
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="a JSON array of workflows")
+@settings_options("config", "workflows_dir", "database")
+def status(as_json: bool, **flags: Any) -> None:
+    """Loaded workflows, versions, circuit breakers and the last reload. Exit 1 on load errors."""
+    cfg = load_settings(**flags)
+    info: dict[str, Any] | None = None
+    if cfg.database.exists():
+        store = _open_store(cfg)
+        info = history.get_meta(store, "status")
+        store.close()
+    running = info is not None and _pid_alive(int(info.get("pid", 0)))
+    if info is None or not running:
+        snap = loader.load_paths([cfg.workflows_dir])
+        errors = [str(i) for i in snap.errors]
+        workflows: list[dict[str, Any]] = [
+            {
+                "name": lw.name,
+                "version": lw.version,
+                "file": lw.file,
+                "line": lw.line,
+                "trigger": lw.workflow.trigger.event,
+                "enabled": lw.workflow.enabled,
+                "circuit_breaker": {
+                    "state": "unknown",
+                    "limit": lw.workflow.circuit_breaker.max_executions,
+                },
+            }
+            for lw in sorted(snap.workflows.values(), key=lambda w: w.name)
+        ]
+        last: dict[str, Any] = {"at": None, "success": not errors, "errors": errors}
+        source = f"daemon not running; loaded {cfg.workflows_dir} directly"
+    else:
+        assert info is not None
+        workflows, last = info["workflows"], info["last_reload"]
+        errors = last.get("errors", [])
+        source = f"daemon pid {info['pid']}, status at {info['updated_at']}"
+    if as_json:
+        _emit_json(workflows)
+    else:
+        click.echo(source)
+        for w in workflows:
+            w["breaker"] = "{state} {count}/{limit}".format(
+                **{"count": "-", **w["circuit_breaker"]}
+            )
+        click.echo(_table(workflows, ["name", "version", "trigger", "enabled", "breaker", "file"]))
+        click.echo(
+            f"last reload: {last.get('at') or '-'} "
+            f"({'ok' if not errors else str(len(errors)) + ' error(s)'})"
+        )
+    for e in errors:
+        _err(e)
+    sys.exit(EXIT_INVALID if errors else EXIT_OK)
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@main.command()
+@click.argument("task_id")
+@click.option("--json", "as_json", is_flag=True, help="a JSON array, oldest first")
+@settings_options("config", "database")
+def chain(task_id: str, as_json: bool, **flags: Any) -> None:
+    """The retry chain TASK_ID belongs to, oldest first."""
+    cfg = load_settings(**flags)
+    store = _open_store(cfg)
+    me = store.chain_of(task_id)
+    if me is None:
+        _err(f"error: {task_id} is in no retry chain (workflowd never retried it or its retries)")
+        sys.exit(EXIT_INVALID)
+    rows = [
+        {
+            "task_id": r["task_id"],
+            "parent_id": r["parent_id"],
+            "root_id": r["root_id"],
+            "task_name": r["task_name"],
+            "attempt": r["attempt"],
+            "workflow": r["workflow"] or "",
+            "sent_at": history.iso(r["sent_at"]),
+            "state": r["state"],
+        }
+        for r in store.chain(me["root_id"])
+    ]
+    if as_json:
+        _emit_json(rows)
+    else:
+        click.echo(
+            _table(
+                rows,
+                ["attempt", "task_id", "parent_id", "task_name", "workflow", "sent_at", "state"],
+            )
+        )
 
 
 @main.command()

@@ -182,7 +182,7 @@ class Engine:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._db_pool, fn)
 
-    def _db_later(self, fn: Callable[[], Any]) -> None:
+    def db_later(self, fn: Callable[[], Any]) -> None:
         """A write whose result nobody waits for (still ordered with the others)."""
         fut = self._db_pool.submit(fn)
         fut.add_done_callback(_log_db_error)
@@ -270,7 +270,7 @@ class Engine:
             self.watch.discard(task_id)
         if self.store is not None:
             store = self.store
-            self._db_later(lambda: store.set_chain_state(task_id, state))
+            self.db_later(lambda: store.set_chain_state(task_id, state))
 
     # --- deciding -------------------------------------------------------------------
 
@@ -288,7 +288,7 @@ class Engine:
                 state = "FAILURE" if ctx.trigger == "task.failed" else "ORPHANED"
                 if self.store is not None:
                     store, tid = self.store, ctx.task_id
-                    self._db_later(lambda: store.set_chain_state(tid, state))
+                    self.db_later(lambda: store.set_chain_state(tid, state))
         return ctx.with_(
             root_id=root,
             attempt=attempt,
@@ -334,7 +334,7 @@ class Engine:
             self.threshold_fired.add(threshold_key)
             if self.store is not None:
                 store, (wname, root) = self.store, threshold_key
-                self._db_later(lambda: store.mark_threshold_fired(wname, root, now))
+                self.db_later(lambda: store.mark_threshold_fired(wname, root, now))
         run = Run(
             workflow=wf.name,
             workflow_version=lw.version,
@@ -415,7 +415,7 @@ class Engine:
         log.info("workflow skipped", workflow=run.workflow, task_id=run.task_id, reason=reason)
         if self.store is not None:
             store = self.store
-            self._db_later(lambda: store.insert_run(run))
+            self.db_later(lambda: store.insert_run(run))
 
     # --- acting ---------------------------------------------------------------------
 
@@ -625,10 +625,10 @@ class Engine:
                 ),
             )
         except Exception as exc:
-            self._db_later(lambda: store.set_chain_state(new_id, "SEND_FAILED"))
+            self.db_later(lambda: store.set_chain_state(new_id, "SEND_FAILED"))
             self.watch.discard(new_id)
             raise ActionError(f"sending the retry failed: {type(exc).__name__}: {exc}") from exc
-        self._db_later(lambda: store.set_chain_state(new_id, "SENT"))
+        self.db_later(lambda: store.set_chain_state(new_id, "SENT"))
         log.info(
             "retry sent",
             workflow=run.workflow,
@@ -646,7 +646,7 @@ class Engine:
     def _persist_breaker(self, name: str, b: Breaker) -> None:
         if self.store is not None:
             store, state, opened, n = self.store, b.state, b.opened_at, b.suppressed
-            self._db_later(lambda: store.save_breaker(name, state, opened, n))
+            self.db_later(lambda: store.save_breaker(name, state, opened, n))
 
     def _breaker_notice(self, lw: LoadedWorkflow, *, opened: bool, suppressed: int) -> None:
         wf = lw.workflow

@@ -321,3 +321,14 @@ class Store:
 
     def iter_rows(self, sql: str, params: list[Any] | None = None) -> Iterator[dict[str, Any]]:
         yield from self.db.query(sql, params or [])
+
+
+def set_meta(store: Store, key: str, value: Any) -> None:
+    store.conn.execute(
+        "INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, json.dumps(value, default=str))
+    )
+
+
+def get_meta(store: Store, key: str) -> Any:
+    row = store.conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+    return json.loads(row[0]) if row else None

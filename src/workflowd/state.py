@@ -20,6 +20,16 @@ TERMINAL = frozenset({"SUCCESS", "FAILURE", "REVOKED", "REJECTED"})
 # The wake-up heartbeat a receiver asks for carries freq=5 and no "active";
 # it says nothing about the worker's real interval.
 DEFAULT_HEARTBEAT = 2.0
+_WATCHED = {
+    "task-sent": "SENT",
+    "task-received": "RECEIVED",
+    "task-started": "STARTED",
+    "task-succeeded": "SUCCESS",
+    "task-failed": "FAILURE",
+    "task-retried": "RETRY",
+    "task-rejected": "REJECTED",
+    "task-revoked": "REVOKED",
+}
 
 
 class TaskInfo:
@@ -103,6 +113,10 @@ class ClusterState:
         self.thresholds: tuple[float, ...] = ()
         self.malformed = 0
         self.events = 0
+        self.counts: dict[str, int] = {}
+        # chain tasks whose state the store follows, and where their changes go
+        self.watch: set[str] = set()
+        self.on_state: Callable[[str, str], None] | None = None
         self._handlers: dict[str, Callable[[Mapping[str, Any]], None]] = {
             "task-sent": self._sent,
             "task-received": self._received,
@@ -123,9 +137,14 @@ class ClusterState:
         """One decoded event (a dict); malformed ones are counted and skipped."""
         self.events += 1
         try:
-            handler = self._handlers.get(event["type"])
+            kind = event["type"]
+            counts = self.counts
+            counts[kind] = counts.get(kind, 0) + 1
+            handler = self._handlers.get(kind)
             if handler is not None:
                 handler(event)
+                if self.watch and (tid := event.get("uuid")) in self.watch and self.on_state:
+                    self.on_state(tid, _WATCHED.get(kind, kind))
         except (KeyError, TypeError, AttributeError, ValueError):
             self.malformed += 1
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import queue
 import socket
 import threading
 import time
@@ -25,7 +26,7 @@ from workflowd.state import ClusterState
 log = structlog.get_logger("workflowd.intake")
 
 TICK_SECONDS = 0.5
-RESYNC_TIMEOUT = 1.5
+RESYNC_TIMEOUT = 1.0
 BACKOFF_START, BACKOFF_CAP = 0.5, 30.0
 
 
@@ -48,9 +49,14 @@ class Intake:
         self.connected = False
         self.connects = 0
         self.gaps = 0
+        self.resyncs = 0
         self.last_loop = time.monotonic()
         self._disconnected_at: float | None = None
         self._app: Any = None
+        # inspect answers, gathered off-thread and applied by the intake loop
+        self._resync_results: queue.SimpleQueue[tuple[dict[str, Any], dict[str, Any]]] = (
+            queue.SimpleQueue()
+        )
 
     # --- decoding (the hot path) -------------------------------------------------------
 
@@ -130,6 +136,8 @@ class Intake:
                 conn.drain_events(timeout=TICK_SECONDS)
             now = time.monotonic()
             self.last_loop = now
+            if not self._resync_results.empty():
+                self._apply_resync()
             if now >= next_tick:
                 next_tick = now + TICK_SECONDS
                 self.state.tick()
@@ -152,9 +160,10 @@ class Intake:
             self._disconnected_at = None
         else:
             log.info("subscribed to the event stream", broker=_safe_url(self.settings.broker_url))
-        self._resync(conn)
         if self.on_connected is not None:
             self.on_connected()
+        self.state.begin_resync()
+        threading.Thread(target=self._resync, name="workflowd-resync", daemon=True).start()
 
     def _lost(self, exc: BaseException) -> None:
         if self.connected or self._disconnected_at is None:
@@ -165,21 +174,29 @@ class Intake:
         self.connected = False
         self.metrics.broker_connected.set(0)
 
-    def _resync(self, conn: Any) -> None:
-        """Rebuild running tasks from the workers themselves, and wake them for heartbeats."""
+    def _resync(self) -> None:
+        """Ask the workers what they hold now, and wake them for a heartbeat (own thread)."""
         app = self._celery()
         try:
             with app.connection_for_write() as ctl:
+                app.control.broadcast("heartbeat", connection=ctl)
                 inspect = app.control.inspect(timeout=RESYNC_TIMEOUT, connection=ctl)
                 active = inspect.active() or {}
                 reserved = inspect.reserved() or {}
-                app.control.broadcast("heartbeat", connection=ctl)
         except Exception as exc:
             log.warning("inspect resync failed", error=f"{type(exc).__name__}: {exc}")
-            return
+            active, reserved = {}, {}
+        self._resync_results.put((active, reserved))
+
+    def _apply_resync(self) -> None:
+        active, reserved = self._resync_results.get()
         n = self.state.resync(active, "STARTED") + self.state.resync(reserved, "RECEIVED")
+        self.state.end_resync()
+        self.resyncs += 1
         log.info(
-            "running tasks rebuilt from inspect", workers=len(set(active) | set(reserved)), tasks=n
+            "running tasks rebuilt from inspect",
+            workers=len(set(active) | set(reserved)),
+            tasks=n,
         )
 
     def close(self) -> None:

@@ -117,6 +117,8 @@ class ClusterState:
         # chain tasks whose state the store follows, and where their changes go
         self.watch: set[str] = set()
         self.on_state: Callable[[str, str], None] | None = None
+        # ids that finished while an inspect resync was in flight: its answer is older
+        self.finished_during_resync: set[str] | None = None
         self._handlers: dict[str, Callable[[Mapping[str, Any]], None]] = {
             "task-sent": self._sent,
             "task-received": self._received,
@@ -222,6 +224,8 @@ class ClusterState:
         self.running[info.id] = info
 
     def _finish(self, task_id: str, state: str) -> TaskInfo | None:
+        if self.finished_during_resync is not None:
+            self.finished_during_resync.add(task_id)
         info = self.tasks.pop(task_id, None)
         if info is None:
             return None
@@ -381,8 +385,15 @@ class ClusterState:
 
     # --- resync -----------------------------------------------------------------
 
+    def begin_resync(self) -> None:
+        self.finished_during_resync = set()
+
+    def end_resync(self) -> None:
+        self.finished_during_resync = None
+
     def resync(self, tasks_by_worker: Mapping[str, list[dict[str, Any]]], state: str) -> int:
         """Tasks a worker holds now (``inspect active``/``reserved``), with exact args."""
+        skip = self.finished_during_resync or set()
         n = 0
         for hostname, tasks in tasks_by_worker.items():
             worker = self.workers.get(hostname)
@@ -391,7 +402,7 @@ class ClusterState:
             worker.last_seen = self.clock()
             for t in tasks or []:
                 task_id = t.get("id")
-                if not isinstance(task_id, str):
+                if not isinstance(task_id, str) or task_id in skip:
                     continue
                 info = self._task(task_id)
                 info.name = t.get("name") or info.name

@@ -1,4 +1,4 @@
-"""The reference templates load verbatim; dry runs print what the daemon would do; secrets stay secret."""
+"""Reference templates load verbatim; dry runs show what the daemon would do; secrets hidden."""
 
 from __future__ import annotations
 
@@ -67,8 +67,11 @@ action:
 """,
 }
 
-REFERENCE_PAGE = Path(__file__).resolve().parents[2] / "shared" / "reference" / (
-    "kanchi-workflow-automation.txt"
+REFERENCE_PAGE = (
+    Path(__file__).resolve().parents[2]
+    / "shared"
+    / "reference"
+    / ("kanchi-workflow-automation.txt")
 )
 
 
@@ -117,10 +120,16 @@ def test_exponential_backoff_delays_printed() -> None:
 
 
 def test_backoff_cap_applies(tmp_path: Path) -> None:
-    path = write(tmp_path, "w.yaml", (
-        "name: cap\ntrigger: {event: task.failed}\naction:\n  type: retry\n  delay_seconds: 10\n"
-        "  max_attempts: 7\n  exponential_backoff: true\n  backoff_multiplier: 3\n"
-        "  max_delay_seconds: 300\ncircuit_breaker: {max_executions: 5}\n"))
+    path = write(
+        tmp_path,
+        "w.yaml",
+        (
+            "name: cap\ntrigger: {event: task.failed}\naction:\n  type: retry\n"
+            "  delay_seconds: 10\n"
+            "  max_attempts: 7\n  exponential_backoff: true\n  backoff_multiplier: 3\n"
+            "  max_delay_seconds: 300\ncircuit_breaker: {max_executions: 5}\n"
+        ),
+    )
     data = json.loads(cli("test", "--json", str(path)).out)
     delays = [s["delay_seconds"] for s in data[0]["actions"][0]["schedule"]]
     assert delays == [10, 30, 90, 270, 300, 300, 300]
@@ -130,12 +139,14 @@ def test_dry_run_sample_satisfies_conditions() -> None:
     run = cli("test", "--json", str(EXAMPLES / "auto-retry-network-errors.yaml"))
     report = json.loads(run.out)[0]
     assert report["would_run"] is True
-    assert report["conditions"] == [{
-        "key": "error_pattern",
-        "expected": "ConnectionError|Timeout|ConnectionRefusedError",
-        "value": "ConnectionError('sample failure')",
-        "matched": True,
-    }]
+    assert report["conditions"] == [
+        {
+            "key": "error_pattern",
+            "expected": "ConnectionError|Timeout|ConnectionRefusedError",
+            "value": "ConnectionError('sample failure')",
+            "matched": True,
+        }
+    ]
     assert report["circuit_breaker"] == {"max_executions": 100, "time_window_hours": 1}
 
 
@@ -150,10 +161,21 @@ def test_dry_run_renders_messages(tmp_path: Path) -> None:
 
 def test_dry_run_with_recorded_events(tmp_path: Path) -> None:
     events = [
-        {"type": "task-received", "uuid": "u-1", "name": "payments.process_card",
-         "args": "(7,)", "kwargs": "{}", "hostname": "celery@pay-1", "root_id": "u-1"},
-        {"type": "task-failed", "uuid": "u-1", "exception": "ValueError('card declined')",
-         "hostname": "celery@pay-1"},
+        {
+            "type": "task-received",
+            "uuid": "u-1",
+            "name": "payments.process_card",
+            "args": "(7,)",
+            "kwargs": "{}",
+            "hostname": "celery@pay-1",
+            "root_id": "u-1",
+        },
+        {
+            "type": "task-failed",
+            "uuid": "u-1",
+            "exception": "ValueError('card declined')",
+            "hostname": "celery@pay-1",
+        },
     ]
     ev = write(tmp_path, "ev.json", json.dumps(events))
     run = cli("test", "--json", "--event", str(ev), str(EXAMPLES / "alert-payment-failures.yaml"))
@@ -168,15 +190,20 @@ def test_dry_run_with_recorded_events(tmp_path: Path) -> None:
     # a non-matching real event is reported as such
     events[0]["name"] = "reports.build"
     write(tmp_path, "ev.json", json.dumps(events))
-    report = json.loads(cli("test", "--json", "--event", str(ev),
-                            str(EXAMPLES / "alert-payment-failures.yaml")).out)[0]
+    report = json.loads(
+        cli("test", "--json", "--event", str(ev), str(EXAMPLES / "alert-payment-failures.yaml")).out
+    )[0]
     assert report["would_run"] is False
     assert report["conditions"][0]["matched"] is False
 
 
 def test_dry_run_of_invalid_file_exits_1(tmp_path: Path) -> None:
-    path = write(tmp_path, "w.yaml", "name: x\ntrigger: {event: task.failed}\naction:\n"
-                 "  type: slack\n  webhook_url: http://h.invalid/\n  message: '{nope}'\n")
+    path = write(
+        tmp_path,
+        "w.yaml",
+        "name: x\ntrigger: {event: task.failed}\naction:\n"
+        "  type: slack\n  webhook_url: http://h.invalid/\n  message: '{nope}'\n",
+    )
     run = cli("test", str(path))
     assert run.code == 1
     assert f"{path}:6:12: action.message: unknown template variable {{nope}}" in run.err
@@ -184,8 +211,12 @@ def test_dry_run_of_invalid_file_exits_1(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("placeholder", ["{task_name.__class__}", "{nope}"])
 def test_unsafe_or_unknown_placeholders_rejected(tmp_path: Path, placeholder: str) -> None:
-    path = write(tmp_path, "w.yaml", "name: x\ntrigger: {event: task.failed}\naction:\n"
-                 f"  type: slack\n  webhook_url: http://h.invalid/\n  message: 'a {placeholder}'\n")
+    path = write(
+        tmp_path,
+        "w.yaml",
+        "name: x\ntrigger: {event: task.failed}\naction:\n"
+        f"  type: slack\n  webhook_url: http://h.invalid/\n  message: 'a {placeholder}'\n",
+    )
     for args in (("validate", str(path)), ("test", str(path))):
         run = cli(*args)
         assert run.code == 1
@@ -196,20 +227,30 @@ SECRET_URL = "https://hooks.slack.com/services/T0SECRET/B0SECRET/xyzzy-very-secr
 
 
 def _secret_file(tmp_path: Path, url_var: str = "SLACK_URL") -> Path:
-    return write(tmp_path, "secret.yaml", (
-        "name: secret\ntrigger: {event: task.failed}\nactions:\n"
-        f"  - type: slack\n    webhook_url: '${{{url_var}}}'\n    message: 'failed {{task_name}}'\n"
-        f"  - type: webhook\n    url: '${{{url_var}}}'\n"
-        "    headers: {Authorization: 'Bearer ${TOKEN}'}\n"
-        "    body: {text: '{exception}'}\n"))
+    return write(
+        tmp_path,
+        "secret.yaml",
+        (
+            "name: secret\ntrigger: {event: task.failed}\nactions:\n"
+            f"  - type: slack\n    webhook_url: '${{{url_var}}}'\n"
+            "    message: 'failed {task_name}'\n"
+            f"  - type: webhook\n    url: '${{{url_var}}}'\n"
+            "    headers: {Authorization: 'Bearer ${TOKEN}'}\n"
+            "    body: {text: '{exception}'}\n"
+        ),
+    )
 
 
 def test_secret_url_never_printed(tmp_path: Path) -> None:
     path = _secret_file(tmp_path)
     env = {"SLACK_URL": SECRET_URL, "TOKEN": "tok-abcdef-123"}
     outputs = []
-    for args in (("validate", str(path)), ("validate", "--json", str(path)), ("test", str(path)),
-                 ("test", "--json", str(path))):
+    for args in (
+        ("validate", str(path)),
+        ("validate", "--json", str(path)),
+        ("test", str(path)),
+        ("test", "--json", str(path)),
+    ):
         run = cli(*args, env=env)
         assert run.code == 0, run.err
         outputs.append(run.out + run.err)
@@ -231,6 +272,10 @@ def test_schema_is_valid_and_accepts_examples() -> None:
             assert errors == [], (f, [e.message for e in errors])
             count += 1
     assert count >= 11
-    bad = {"name": "x", "trigger": {"event": "task.failed"}, "action": {"type": "retry"},
-           "bogus": 1}
+    bad = {
+        "name": "x",
+        "trigger": {"event": "task.failed"},
+        "action": {"type": "retry"},
+        "bogus": 1,
+    }
     assert list(validator.iter_errors(bad))

@@ -10,19 +10,20 @@ import json
 import threading
 import time
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
 
 from tests.support.events import EventCollector
-from tests.support.fixtures import CeleryWorkerFactory, RedisServerFactory
 from tests.support.httpsink import HttpSink
 from tests.support.procs import RedisServer, group_pids, pid_alive, wait_for
 
+if TYPE_CHECKING:  # not imported at runtime: pytest_plugins below imports it
+    from tests.support.fixtures import CeleryWorkerFactory, RedisServerFactory
+
 # Makes the fixtures available even before tests/conftest.py imports them
 # (a conftest definition of the same fixture takes precedence).
-pytest_plugins = ["tests.support.fixtures"]
 
 # --------------------------------------------------------------------------- broker / worker
 
@@ -179,7 +180,35 @@ def test_redis_restart_keeps_port_and_answers_ping(
 
     server.stop()
     assert not server.running
-    assert not _ping_quietly(server.client(socket_connect_timeout=0.5))
+    assert not _ping_quietly(server.client(retries=0, socket_connect_timeout=0.5))
+
+
+@pytest.mark.integration
+def test_worker_and_collector_survive_broker_restart(
+    redis_server_factory: RedisServerFactory,
+    celery_worker_factory: CeleryWorkerFactory,
+) -> None:
+    from tests.celeryapp import make_app
+
+    server = redis_server_factory()
+    url = server.url(1)
+    worker = celery_worker_factory(url, heartbeat=0.5)
+    with EventCollector(url) as collector:
+        collector.wait_for_event("worker-heartbeat", hostname=worker.hostname, timeout=10)
+
+        server.restart()
+        collector.clear()
+
+        # Celery reconnects (first retry after 2 s) and events flow again.
+        collector.wait_for_event("worker-heartbeat", hostname=worker.hostname, timeout=30)
+        client = make_app(url)
+        try:
+            res = client.send_task("tests.celeryapp.tasks.fail_connection", args=["after"])
+            failed = collector.wait_for_event("task-failed", uuid=res.id, timeout=30)
+        finally:
+            client.close()
+        assert "ConnectionError" in failed["exception"]
+        assert worker.running
 
 
 def _ping_quietly(client: Any) -> bool:

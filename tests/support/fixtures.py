@@ -1,6 +1,9 @@
 """Pytest fixtures for real-component tests.
 
-Import them from ``tests/conftest.py`` with ``from tests.support.fixtures import *``.
+Make them available from ``tests/conftest.py`` with either
+``pytest_plugins = ["tests.support.fixtures"]`` (preferred: lint-clean, and no
+"already imported" warning next to test modules that use the same line) or
+``from tests.support.fixtures import *  # noqa: F403``.
 
 * ``redis_server`` (session): one real redis-server for the whole run.
 * ``broker_url`` (function): ``redis_server.url(db)`` for a db that is private
@@ -175,6 +178,8 @@ def celery_worker_factory(
     try:
         yield factory
     finally:
+        for worker in workers:  # warm shutdowns run in parallel
+            worker.terminate()
         for worker in reversed(workers):
             try:
                 worker.stop()

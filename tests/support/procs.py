@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import IO, Any, TypeVar
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 __all__ = [
     "REPO_ROOT",
@@ -184,10 +186,16 @@ class RedisServer:
     def url(self, db: int = 0) -> str:
         return f"redis://{LOCALHOST}:{self.port}/{db}"
 
-    def client(self, db: int = 0, **kwargs: Any) -> redis.Redis:
-        """A new redis-py client for ``db`` (short timeouts by default)."""
+    def client(self, db: int = 0, *, retries: int | None = None, **kwargs: Any) -> redis.Redis:
+        """A new redis-py client for ``db`` (2 s socket timeouts by default).
+
+        ``retries=N`` replaces redis-py's default retry policy (exponential backoff,
+        several seconds against a dead server) by N immediate retries.
+        """
         kwargs.setdefault("socket_timeout", 2.0)
         kwargs.setdefault("socket_connect_timeout", 2.0)
+        if retries is not None:
+            kwargs["retry"] = Retry(NoBackoff(), retries)
         return redis.Redis(host=LOCALHOST, port=self.port, db=db, **kwargs)
 
     def log_text(self) -> str:
@@ -247,7 +255,7 @@ class RedisServer:
                 raise RuntimeError(
                     f"redis-server on port {self.port} is not running:\n{self.log_text()[-2000:]}"
                 )
-            client = self.client(socket_timeout=0.5, socket_connect_timeout=0.5)
+            client = self.client(retries=0, socket_timeout=0.5, socket_connect_timeout=0.5)
             try:
                 return bool(client.ping())
             except redis.RedisError:
@@ -465,6 +473,11 @@ class CeleryWorker:
             self.kill9()
             raise TimeoutError(f"{exc}\n--- worker log ---\n{log}") from None
         return self
+
+    def terminate(self) -> None:
+        """Send SIGTERM (warm shutdown) without waiting; follow with :meth:`stop`."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.send_signal(signal.SIGTERM)
 
     def stop(self, timeout: float = 15.0) -> None:
         """Warm shutdown: SIGTERM, bounded wait, then SIGKILL of the whole group."""

@@ -1,0 +1,5 @@
+"""``python -m workflowd``."""
+
+from workflowd.cli import main
+
+main()

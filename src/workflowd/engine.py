@@ -104,6 +104,8 @@ class Engine:
         self.breakers: dict[str, Breaker] = {}
         # task ids whose lifecycle the chain table follows (read by the intake thread)
         self.watch: set[str] = set()
+        # orphaned task id -> (retry id, run id, action index) while the retry may be pending
+        self.orphan_retries: dict[str, tuple[str, int, int]] = {}
         self.error: BaseException | None = None
 
     # --- thread & lifecycle ---------------------------------------------------
@@ -266,6 +268,11 @@ class Engine:
             loop.call_soon_threadsafe(self._chain_state, task_id, state)
 
     def _chain_state(self, task_id: str, state: str) -> None:
+        pending = self.orphan_retries.pop(task_id, None)
+        if pending is not None and state in ("RECEIVED", "STARTED"):
+            # Celery redelivered the orphan itself: the retry we sent must not run too.
+            self._revoke_retry(task_id, *pending)
+            return
         if state in ("SUCCESS", "REVOKED", "REJECTED"):
             self.watch.discard(task_id)
         if self.store is not None:
@@ -479,7 +486,7 @@ class Engine:
                         first_error = f"{action.type}: {entry['error']}"
         except asyncio.CancelledError:
             for entry in run.actions:
-                if entry["status"] in ("pending", "running"):
+                if entry["status"] in ("pending", "running", "sending"):
                     entry["status"] = "interrupted"
             run.outcome, run.reason = "interrupted", "daemon stopped before the run finished"
             run.finished_at = self.clock()
@@ -629,6 +636,10 @@ class Engine:
             self.watch.discard(new_id)
             raise ActionError(f"sending the retry failed: {type(exc).__name__}: {exc}") from exc
         self.db_later(lambda: store.set_chain_state(new_id, "SENT"))
+        if ctx.trigger == "task.orphaned" and run.id is not None:
+            index = next(i for i, a in enumerate(run.actions) if a is entry)
+            self.orphan_retries[failed_id] = (new_id, run.id, index)
+            self.watch.add(failed_id)
         log.info(
             "retry sent",
             workflow=run.workflow,
@@ -640,6 +651,29 @@ class Engine:
             queue_source=queue_source,
         )
         return detail
+
+    def _revoke_retry(self, orphan_id: str, retry_id: str, run_id: int, index: int) -> None:
+        assert self.store is not None
+        store = self.store
+        self.watch.discard(orphan_id)
+        self.watch.discard(retry_id)
+        note = "revoked: Celery redelivered the orphaned task itself"
+
+        def revoke() -> None:
+            self._retry_sender().app.control.revoke(retry_id)
+
+        def record() -> None:
+            store.set_chain_state(retry_id, "REVOKED")
+            store.annotate_action(run_id, index, "revoked", note)
+
+        fut = self._send_pool.submit(revoke)
+        fut.add_done_callback(_log_db_error)
+        self.db_later(record)
+        log.warning(
+            "orphaned task redelivered by Celery; its retry is revoked",
+            task_id=orphan_id,
+            retry_id=retry_id,
+        )
 
     # --- circuit breaker ------------------------------------------------------------------
 

@@ -201,13 +201,25 @@ class Store:
             row,
         )
 
+    def annotate_action(self, run_id: int, index: int, key: str, value: Any) -> None:
+        """Add a fact to one action's detail after the run (e.g. a retry revoked later)."""
+        row = self.conn.execute("SELECT actions FROM runs WHERE id = ?", (run_id,)).fetchone()
+        if row is None:
+            return
+        actions = json.loads(row[0])
+        if 0 <= index < len(actions):
+            actions[index].setdefault("detail", {})[key] = value
+            self.conn.execute(
+                "UPDATE runs SET actions = ? WHERE id = ?", (json.dumps(actions), run_id)
+            )
+
     def interrupt_open_runs(self, now: float) -> list[dict[str, Any]]:
         """Runs left 'running' by a crash: mark them interrupted; never re-run them."""
         rows = list(self.db.query("SELECT * FROM runs WHERE outcome = 'running'"))
         for row in rows:
             actions = json.loads(row["actions"])
             for a in actions:
-                if a.get("status") in ("running", "pending"):
+                if a.get("status") in ("running", "pending", "sending"):
                     a["status"] = "interrupted"
             self.conn.execute(
                 "UPDATE runs SET outcome = 'interrupted', finished_at = ?, actions = ?, "

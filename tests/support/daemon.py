@@ -28,6 +28,8 @@ class NotifyListener:
 
     def __init__(self, directory: Path) -> None:
         self.path = str(directory / "notify.sock")
+        if os.path.exists(self.path):
+            os.unlink(self.path)
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock.bind(self.path)
         self.sock.settimeout(0.2)
@@ -242,7 +244,7 @@ def running_daemon(
 
 
 @pytest.fixture
-def daemon_factory(tmp_path: Path) -> Iterator[Any]:
+def daemon_factory(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Any]:
     started: list[DaemonProc] = []
 
     def factory(
@@ -259,3 +261,4 @@ def daemon_factory(tmp_path: Path) -> Iterator[Any]:
     yield factory
     for d in started:
         d.stop()
+        request.node.add_report_section("teardown", "workflowd log", d.log_text()[-20000:])

@@ -9,6 +9,8 @@ and was not cut by Celery. Otherwise the action fails and says what to enable.
 from __future__ import annotations
 
 import ast
+import contextlib
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -78,6 +80,11 @@ class RetrySender:
         from celery import Celery
 
         self.result_backend = result_backend
+        # One connection per sender thread, outside kombu's process-wide pools: a stalled
+        # publish must not hold up the intake's inspect calls, nor they it.
+        self._local = threading.local()
+        self._connections: list[Any] = []
+        self._lock = threading.Lock()
         self.app = Celery(
             "workflowd", broker=broker_url, backend=result_backend, set_as_current=False
         )
@@ -134,6 +141,15 @@ class RetrySender:
             why += "; the result backend holds no args for it (result_extended off or expired)"
         raise RetryRefused(REFUSED_HINT.format(why=why))
 
+    def _producer(self) -> Any:
+        producer = getattr(self._local, "producer", None)
+        if producer is None:
+            conn = self.app.connection_for_write()
+            with self._lock:
+                self._connections.append(conn)
+            producer = self._local.producer = self.app.amqp.Producer(conn)
+        return producer
+
     def send(
         self,
         *,
@@ -157,9 +173,14 @@ class RetrySender:
             countdown=countdown if countdown > 0 else None,
             queue=queue,
             headers=headers,
+            producer=self._producer(),
             retry=True,
             retry_policy={"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5},
         )
 
     def close(self) -> None:
+        with self._lock:
+            for conn in self._connections:
+                with contextlib.suppress(Exception):
+                    conn.release()
         self.app.close()

@@ -11,7 +11,7 @@ import difflib
 import hashlib
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -108,11 +108,19 @@ def _allowed_keys(path: tuple[str | int, ...], data: Any) -> tuple[str, ...]:
     return ()
 
 
-def error_message(err: Mapping[str, Any], path: tuple[str | int, ...], data: Any) -> str:
+AllowedKeys = Callable[[tuple[str | int, ...], Any], tuple[str, ...]]
+
+
+def error_message(
+    err: Mapping[str, Any],
+    path: tuple[str | int, ...],
+    data: Any,
+    allowed_keys: AllowedKeys | None = None,
+) -> str:
     kind = err["type"]
     if kind == "extra_forbidden":
         key = str(path[-1])
-        allowed = _allowed_keys(path[:-1], data)
+        allowed = (allowed_keys or _allowed_keys)(path[:-1], data)
         hint = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
         text = f"unknown key '{key}'"
         if hint:

@@ -88,7 +88,7 @@ def read_config_file(path: Path, env: Mapping[str, str]) -> tuple[ConfigFile, di
     problems: list[tuple[tuple[str | int, ...], str]] = []
     secrets: dict[str, str] = {}
     data = loader.expand_env(doc.data, (), env, secrets, problems)
-    messages = [(p, m) for p, m in problems]
+    messages = [(p, m, False) for p, m in problems]
     cfg = ConfigFile()
     if not messages:
         try:
@@ -96,14 +96,27 @@ def read_config_file(path: Path, env: Mapping[str, str]) -> tuple[ConfigFile, di
         except ValidationError as exc:
             for err in exc.errors():
                 p = loader.data_path(tuple(err["loc"]), data)
-                messages.append((p, loader.error_message(err, p, data)))
+                text = loader.error_message(err, p, data, _config_keys)
+                messages.append((p, text, err["type"] == "extra_forbidden"))
     if messages:
         lines = []
-        for p, m in messages:
-            mark = doc.mark_for(p)
+        for p, m, at_key in messages:
+            mark = doc.mark_for(p, key=at_key)
             lines.append(f"{name}:{mark.line}:{mark.column}: {loader.key_path(p)}: {m}")
         raise ConfigError("\n".join(lines))
     return cfg, secrets
+
+
+def _config_keys(path: tuple[str | int, ...], data: Any) -> tuple[str, ...]:
+    if not path:
+        return tuple(ConfigFile.model_fields)
+    if path == ("notifications",):
+        return tuple(Notifications.model_fields)
+    if path == ("notifications", "circuit_breaker") and isinstance(data, dict):
+        kind = (data.get("notifications") or {}).get("circuit_breaker", {}).get("type")
+        if kind in ("slack", "webhook"):
+            return model.MODEL_KEYS[kind]
+    return ()
 
 
 def resolve(

@@ -83,6 +83,8 @@ def test_task_sent_host_is_not_the_worker(
     state.handle(ev("worker-online", hostname="celery@web", freq=2))
     state.handle(ev("task-sent", uuid="t1", name="a", hostname="celery@web"))
     state.handle(ev("worker-offline", hostname="celery@web"))
+    clock.now += 5
+    state.tick()
     assert [c.trigger for c in fired] == ["worker.offline"]  # t1 is not its task
 
 
@@ -111,29 +113,35 @@ def test_silent_worker_goes_offline_once_and_orphans_its_tasks(
     assert [c.trigger for c in fired].count("worker.offline") == 2
 
 
-def test_redelivered_orphan_is_marked(state: ClusterState) -> None:
+def test_redelivered_orphan_is_marked(state: ClusterState, clock: Clock) -> None:
     state.handle(ev("task-received", uuid="r1", name="a", hostname="celery@w1"))
     state.handle(ev("worker-offline", hostname="celery@w1"))
+    clock.now += 5
+    state.tick()
     assert state.tasks["r1"].orphaned
     state.handle(ev("task-received", uuid="r1", name="a", hostname="celery@w2"))
     assert state.tasks["r1"].redelivered
 
 
 def test_task_moving_to_another_worker_is_not_orphaned(
-    state: ClusterState, fired: list[TriggerContext]
+    state: ClusterState, clock: Clock, fired: list[TriggerContext]
 ) -> None:
     state.handle(ev("task-received", uuid="r1", name="a", hostname="celery@w1"))
     state.handle(ev("task-received", uuid="r1", name="a", hostname="celery@w2"))
     state.handle(ev("worker-offline", hostname="celery@w1"))
+    clock.now += 5
+    state.tick()
     assert [c.trigger for c in fired] == ["worker.offline"]
 
 
 def test_rejected_requeue_is_final_and_redelivery_is_recognised(
-    state: ClusterState, fired: list[TriggerContext]
+    state: ClusterState, clock: Clock, fired: list[TriggerContext]
 ) -> None:
     state.handle(ev("task-received", uuid="r1", name="a", hostname="celery@w1"))
     state.handle(ev("task-rejected", uuid="r1", requeue=True, hostname="celery@w1"))
     state.handle(ev("worker-offline", hostname="celery@w1"))
+    clock.now += 5
+    state.tick()
     assert [c.trigger for c in fired] == ["worker.offline"]
     state.handle(ev("task-received", uuid="r1", name="a", hostname="celery@w2"))
     assert state.tasks["r1"].redelivered
@@ -229,3 +237,37 @@ def test_watched_tasks_report_state(state: ClusterState) -> None:
     state.handle(ev("task-received", uuid="other", name="a", hostname="celery@w1"))
     state.handle(ev("task-succeeded", uuid="w", hostname="celery@w1"))
     assert seen == [("w", "RECEIVED"), ("w", "SUCCESS")]
+
+
+def test_offline_then_online_within_confirmation_is_a_blip(
+    state: ClusterState, clock: Clock, fired: list[TriggerContext]
+) -> None:
+    state.handle(ev("worker-online", hostname="celery@w1", freq=2))
+    state.handle(ev("task-received", uuid="r1", name="a", hostname="celery@w1"))
+    state.handle(ev("worker-offline", hostname="celery@w1"))
+    clock.now += 1.0
+    state.tick()
+    state.handle(ev("worker-online", hostname="celery@w1", freq=2))
+    clock.now += 5.0
+    state.tick()
+    assert fired == []
+    state.handle(ev("worker-offline", hostname="celery@w1"))
+    state.tick()
+    assert fired == []
+    clock.now += 3.0
+    state.tick()
+    assert [c.trigger for c in fired] == ["worker.offline", "task.orphaned"]
+    assert fired[0].extra["detected_by"] == "worker-offline"
+
+
+def test_our_own_disconnect_is_not_worker_silence(
+    state: ClusterState, clock: Clock, fired: list[TriggerContext]
+) -> None:
+    state.handle(ev("worker-online", hostname="celery@w1", freq=2))
+    clock.now += 60  # the daemon was disconnected from the broker meanwhile
+    state.heard_nothing_until_now()
+    state.tick()
+    assert fired == []
+    clock.now += 11
+    state.tick()
+    assert [c.trigger for c in fired] == ["worker.offline"]

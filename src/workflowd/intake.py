@@ -145,6 +145,7 @@ class Intake:
                     self.on_tick()
 
     def _connected(self, conn: Any) -> None:
+        self.state.heard_nothing_until_now()
         self.connects += 1
         self.connected = True
         self.metrics.broker_connected.set(1)
@@ -166,8 +167,8 @@ class Intake:
         threading.Thread(target=self._resync, name="workflowd-resync", daemon=True).start()
 
     def _lost(self, exc: BaseException) -> None:
-        if self.connected or self._disconnected_at is None:
-            self._disconnected_at = self._disconnected_at or time.time()
+        if self.connects and self._disconnected_at is None:
+            self._disconnected_at = time.time()
             log.warning(
                 "broker connection lost; reconnecting", error=f"{type(exc).__name__}: {exc}"[:300]
             )

@@ -20,6 +20,10 @@ TERMINAL = frozenset({"SUCCESS", "FAILURE", "REVOKED", "REJECTED"})
 # The wake-up heartbeat a receiver asks for carries freq=5 and no "active";
 # it says nothing about the worker's real interval.
 DEFAULT_HEARTBEAT = 2.0
+# A worker whose broker connection blips sends worker-offline and, on reconnecting,
+# worker-online within a few seconds; its tasks keep running. An offline that no
+# online or heartbeat follows within this time is a worker that went away.
+OFFLINE_CONFIRM_SECONDS = 3.0
 _WATCHED = {
     "task-sent": "SENT",
     "task-received": "RECEIVED",
@@ -79,7 +83,15 @@ class TaskInfo:
 
 
 class WorkerInfo:
-    __slots__ = ("freq", "hostname", "last_seen", "offline_fired", "online", "tasks")
+    __slots__ = (
+        "freq",
+        "hostname",
+        "last_seen",
+        "offline_at",
+        "offline_fired",
+        "online",
+        "tasks",
+    )
 
     def __init__(self, hostname: str, now: float) -> None:
         self.hostname = hostname
@@ -87,6 +99,7 @@ class WorkerInfo:
         self.freq = DEFAULT_HEARTBEAT
         self.online = True
         self.offline_fired = False
+        self.offline_at: float | None = None  # a worker-offline waiting for confirmation
         self.tasks: set[str] = set()
 
 
@@ -295,6 +308,7 @@ class ClusterState:
         elif not worker.online:
             worker.online = True
             worker.offline_fired = False  # a new spell starts when it goes away again
+        worker.offline_at = None
         worker.last_seen = now
         return worker
 
@@ -314,10 +328,12 @@ class ClusterState:
         worker = self.workers.get(e["hostname"])
         if worker is None:
             worker = self.workers[e["hostname"]] = WorkerInfo(e["hostname"], self.clock())
-        self._went_offline(worker, "worker-offline")
+        if worker.online and worker.offline_at is None:
+            worker.offline_at = self.clock()  # confirmed by tick() unless it comes back
 
     def _went_offline(self, worker: WorkerInfo, how: str) -> None:
         worker.online = False
+        worker.offline_at = None
         if worker.offline_fired:
             return
         worker.offline_fired = True
@@ -356,8 +372,13 @@ class ClusterState:
     def tick(self) -> None:
         """Detect silent workers and tasks running past a threshold."""
         now = self.clock()
-        for worker in self.workers.values():
-            if worker.online and now - worker.last_seen > self.worker_timeout:
+        for worker in list(self.workers.values()):
+            if not worker.online:
+                continue
+            if worker.offline_at is not None:
+                if now - worker.offline_at >= OFFLINE_CONFIRM_SECONDS:
+                    self._went_offline(worker, "worker-offline")
+            elif now - worker.last_seen > self.worker_timeout:
                 self._went_offline(worker, "heartbeat timeout")
         thresholds = self.thresholds
         if not thresholds:
@@ -384,6 +405,12 @@ class ClusterState:
                 )
 
     # --- resync -----------------------------------------------------------------
+
+    def heard_nothing_until_now(self) -> None:
+        """After our own disconnect: silence was ours, not the workers'. Restart their clocks."""
+        now = self.clock()
+        for worker in self.workers.values():
+            worker.last_seen = now
 
     def begin_resync(self) -> None:
         self.finished_during_resync = set()

@@ -192,7 +192,14 @@ def test_broker_restart_reconnects(
     server = redis_server_factory()
     url = server.url(0)
     celery_worker_factory(url)
-    d = daemon_factory(url, {"alert.yaml": slack_wf("alert", http_sink.url("/s"))})
+    d = daemon_factory(
+        url,
+        {
+            "alert.yaml": slack_wf("alert", http_sink.url("/s")),
+            "offline.yaml": slack_wf("offline", http_sink.url("/off"), trigger="worker.offline"),
+        },
+        config={"worker_timeout_seconds": 10},
+    )
     server.restart()
     # the daemon notices, reconnects, and records the gap
     wait_for(
@@ -210,6 +217,9 @@ def test_broker_restart_reconnects(
         app.close()
     assert http_sink.requests("/s")
     assert d.proc is not None and d.proc.poll() is None
+    # the worker's consumer reconnected (offline + online): not a worker going away
+    time.sleep(4)
+    assert d.history("offline") == []
 
 
 def test_hanging_webhook_does_not_delay_slack(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import jsonschema
 import pytest
@@ -279,3 +280,46 @@ def test_schema_is_valid_and_accepts_examples() -> None:
         "bogus": 1,
     }
     assert list(validator.iter_errors(bad))
+
+
+def test_send_posts_for_real_and_keeps_the_secret(tmp_path: Path, http_sink: Any) -> None:
+    secret_path = "/services/T0SECRET/B0SECRET/xyzzy-very-secret"
+    path = _secret_file(tmp_path)
+    env = {"SLACK_URL": http_sink.url(secret_path), "TOKEN": "tok-abcdef-123"}
+    for args in (("test", "--send", str(path)), ("test", "--send", "--json", str(path))):
+        run = cli(*args, env=env)
+        assert run.code == 0, run.err
+        joined = run.out + run.err
+        for secret in ("T0SECRET", "xyzzy-very-secret", "tok-abcdef-123"):
+            assert secret not in joined
+        assert "127.0.0.1" in joined
+    reqs = http_sink.requests(secret_path)
+    assert len(reqs) == 4  # slack + webhook, twice
+    slack = [r for r in reqs if "text" in r.json and r.json["text"].startswith("failed ")]
+    assert slack and slack[0].json == {"text": "failed myapp.tasks.example"}
+    hooks = [r for r in reqs if r.header("authorization")]
+    assert hooks and hooks[0].header("authorization") == "Bearer tok-abcdef-123"
+    assert hooks[0].json == {"text": "ConnectionError('sample failure')"}
+    data = json.loads(cli("test", "--send", "--json", str(path), env=env).out)
+    assert [s["status"] for s in data[0]["sent"]] == ["sent", "sent"]
+    assert data[0]["sent"][0]["http_status"] == 200
+
+
+def test_send_reports_a_failing_endpoint(tmp_path: Path, http_sink: Any) -> None:
+    http_sink.respond("/down", statuses=[503])
+    path = write(
+        tmp_path,
+        "w.yaml",
+        "name: d\ntrigger: {event: task.failed}\naction:\n"
+        f"  type: slack\n  webhook_url: '{http_sink.url('/down')}'\n",
+    )
+    data = json.loads(cli("test", "--send", "--json", str(path)).out)
+    assert data[0]["sent"] == [
+        {
+            "type": "slack",
+            "status": "failed",
+            "http_status": 503,
+            "error": f"POST http://127.0.0.1:{http_sink.port}/***: HTTP 503 after 1 attempt(s)",
+        }
+    ]
+    assert len(http_sink.requests("/down")) == 1  # never re-sent in a dry run

@@ -33,6 +33,7 @@ from workflowd.loader import LoadedWorkflow, Snapshot
 from workflowd.metrics import Metrics
 from workflowd.settings import Settings
 from workflowd.state import TaskInfo
+from workflowd.writer import Writer
 
 log = structlog.get_logger("workflowd.engine")
 T = TypeVar("T")
@@ -87,7 +88,7 @@ class Engine:
         self._ready = threading.Event()
         self._stopped = threading.Event()
         self._stop_requested: asyncio.Event | None = None
-        self._db_pool = concurrent.futures.ThreadPoolExecutor(1, "workflowd-db")
+        self._writer = Writer(lambda: Store(self.settings.database))
         self._send_pool = concurrent.futures.ThreadPoolExecutor(4, "workflowd-retry")
         self.store: Store | None = None
         self._sender: RetrySender | None = None
@@ -133,7 +134,7 @@ class Engine:
         self._loop = asyncio.get_running_loop()
         self._stop_requested = asyncio.Event()
         self._runs_sem = asyncio.Semaphore(MAX_CONCURRENT_RUNS)
-        self.store = await self._db(lambda: Store(self.settings.database))
+        self.store = await asyncio.get_running_loop().run_in_executor(None, self._writer.start)
         await self._db(self._load_state)
         self._http = httpx.AsyncClient(follow_redirects=False)
         self._ready.set()
@@ -163,7 +164,7 @@ class Engine:
         except RuntimeError:
             return
         self._stopped.wait(timeout + 3)
-        self._db_pool.shutdown(wait=True)
+        self._writer.stop()
 
     async def _drain(self, timeout: float) -> None:
         if self._inflight:
@@ -175,19 +176,16 @@ class Engine:
                 await asyncio.wait(pending, timeout=2)
 
     def _close_store(self) -> None:
-        if self.store is not None:
-            self.store.close()
+        # the writer closes the store itself once everything queued is written
         if self._sender is not None:
             self._sender.close()
 
     async def _db(self, fn: Callable[[], T]) -> T:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._db_pool, fn)
+        return await asyncio.wrap_future(self._writer.submit(fn))
 
     def db_later(self, fn: Callable[[], Any]) -> None:
         """A write whose result nobody waits for (still ordered with the others)."""
-        fut = self._db_pool.submit(fn)
-        fut.add_done_callback(_log_db_error)
+        self._writer.later(fn)
 
     # --- state from the store ---------------------------------------------------
 

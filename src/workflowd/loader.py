@@ -312,20 +312,41 @@ def is_workflow_file(path: Path) -> bool:
 
 
 def discover(paths: list[Path]) -> list[Path]:
-    """Workflow files under ``paths`` (files given by name are taken as they are)."""
+    """Workflow files under ``paths`` (files given by name are taken as they are).
+
+    Symlinks are followed, so Kubernetes ConfigMap volumes work: their files live
+    in ``..data`` -> ``..<timestamp>/`` and are exposed as top-level symlinks, which
+    are read (the dot-directories are skipped). A file reached by two paths is
+    loaded once, under the first path found; a symlink loop is walked once.
+    """
     found: list[Path] = []
+    seen_files: set[str] = set()
     for p in paths:
-        if p.is_dir():
-            for root, dirs, files in os.walk(p, followlinks=True):
-                # Kubernetes ConfigMaps keep real files in "..data"/"..<timestamp>" and
-                # expose them through symlinks at the top; read the symlinks only.
-                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-                for f in sorted(files):
-                    fp = Path(root) / f
-                    if is_workflow_file(fp):
-                        found.append(fp)
-        else:
+        if not p.is_dir():
             found.append(p)
+            continue
+        seen_dirs: set[tuple[int, int]] = set()
+        for root, dirs, files in os.walk(p, followlinks=True):
+            try:
+                st = os.stat(root)
+            except OSError:
+                dirs[:] = []
+                continue
+            if (st.st_dev, st.st_ino) in seen_dirs:
+                dirs[:] = []
+                continue
+            seen_dirs.add((st.st_dev, st.st_ino))
+            # os.walk goes top-down, so top-level symlinks win over what they point at
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            for f in sorted(files):
+                fp = Path(root) / f
+                if not is_workflow_file(fp):
+                    continue
+                real = os.path.realpath(fp)
+                if real in seen_files:
+                    continue
+                seen_files.add(real)
+                found.append(fp)
     return found
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from typing import Any
+from typing import Any, TextIO
 
 import structlog
 
@@ -21,33 +21,67 @@ _PRIORITY = {
 
 
 def _journald_prefix(_: Any, method: str, event: str) -> str:
+    # sd-daemon(3): "<N>" at the start of a line sets its priority in the journal
     return f"<{_PRIORITY.get(method, 6)}>{event}"
 
 
+def on_journal(stream: TextIO | None = None, env: dict[str, str] | None = None) -> bool:
+    """True when ``stream`` (stderr) is the journal stream systemd set up (JOURNAL_STREAM).
+
+    systemd.exec(5): compare device and inode, so a redirected stderr (a file, a
+    pipe to another program) of a process started from a service is not mistaken
+    for the journal.
+    """
+    value = (os.environ if env is None else env).get("JOURNAL_STREAM", "")
+    dev, _, ino = value.partition(":")
+    if not dev.isdigit() or not ino.isdigit():
+        return False
+    stream = sys.stderr if stream is None else stream
+    try:
+        st = os.fstat(stream.fileno())
+    except (OSError, ValueError, AttributeError):
+        return False
+    return (st.st_dev, st.st_ino) == (int(dev), int(ino))
+
+
 def configure(level: str = "info", *, json_logs: bool | None = None, redact: Any = None) -> None:
+    """Log to stderr: JSON lines (with journald priorities under systemd) or, on a
+    terminal, human-readable lines. Standard-library logging (celery, kombu) is
+    rendered the same way, from WARNING up."""
     if json_logs is None:
         json_logs = not sys.stderr.isatty()
-    processors: list[Any] = [
+    shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
     if redact is not None:
-        processors.append(redact)
+        shared.append(redact)
+    render: list[Any]
     if json_logs:
-        processors += [structlog.processors.format_exc_info, structlog.processors.JSONRenderer()]
-        if os.environ.get("JOURNAL_STREAM"):
-            processors.append(_journald_prefix)
+        render = [structlog.processors.format_exc_info, structlog.processors.JSONRenderer()]
+        if on_journal():
+            render.append(_journald_prefix)
     else:
-        processors.append(structlog.dev.ConsoleRenderer())
+        render = [structlog.dev.ConsoleRenderer()]
     structlog.configure(
-        processors=processors,
+        processors=shared + render,
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
         ),
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=False,
     )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared],
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *render],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING)
 
 
 class Redact:

@@ -7,6 +7,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -329,11 +330,18 @@ def history_cmd(
     )
 
 
+STATUS_STALE_SECONDS = 30.0
+
+
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="a JSON array of workflows")
 @settings_options("config", "workflows_dir", "database")
 def status(as_json: bool, **flags: Any) -> None:
-    """Loaded workflows, versions, circuit breakers and the last reload. Exit 1 on load errors."""
+    """Loaded workflows, versions, circuit breakers and the last reload. Exit 1 on load errors.
+
+    Asks the running daemon (through the status it keeps in the database); when no
+    daemon runs, loads the workflows directory itself.
+    """
     cfg = load_settings(**flags)
     info: dict[str, Any] | None = None
     if cfg.database.exists():
@@ -341,6 +349,7 @@ def status(as_json: bool, **flags: Any) -> None:
         info = history.get_meta(store, "status")
         store.close()
     running = info is not None and _pid_alive(int(info.get("pid", 0)))
+    notes: list[str] = []
     if info is None or not running:
         snap = loader.load_paths([cfg.workflows_dir])
         errors = [str(i) for i in snap.errors]
@@ -352,6 +361,7 @@ def status(as_json: bool, **flags: Any) -> None:
                 "line": lw.line,
                 "trigger": lw.workflow.trigger.event,
                 "enabled": lw.workflow.enabled,
+                "kept_last_good": False,
                 "circuit_breaker": {
                     "state": "unknown",
                     "limit": lw.workflow.circuit_breaker.max_executions,
@@ -366,6 +376,18 @@ def status(as_json: bool, **flags: Any) -> None:
         workflows, last = info["workflows"], info["last_reload"]
         errors = last.get("errors", [])
         source = f"daemon pid {info['pid']}, status at {info['updated_at']}"
+        notes.append(
+            "broker: "
+            + ("connected" if info.get("broker_connected") else "disconnected, reconnecting")
+            + f"; event stream gaps: {info.get('intake_gaps', 0)}"
+        )
+        if info.get("problem"):
+            notes.append(f"unhealthy: {info['problem']}")
+        age = _age_seconds(info.get("updated_at"))
+        if age is not None and age > STATUS_STALE_SECONDS:
+            notes.append(f"warning: the daemon has not updated its status for {age:.0f}s")
+        for path in last.get("held", []):
+            notes.append(f"kept last good version of {path}: its current content fails to load")
     if as_json:
         _emit_json(workflows)
     else:
@@ -374,14 +396,28 @@ def status(as_json: bool, **flags: Any) -> None:
             w["breaker"] = "{state} {count}/{limit}".format(
                 **{"count": "-", **w["circuit_breaker"]}
             )
+            if w.get("kept_last_good"):
+                w["version"] = f"{w['version']} (last good)"
         click.echo(_table(workflows, ["name", "version", "trigger", "enabled", "breaker", "file"]))
         click.echo(
             f"last reload: {last.get('at') or '-'} "
             f"({'ok' if not errors else str(len(errors)) + ' error(s)'})"
         )
+        for n in notes:
+            click.echo(n)
     for e in errors:
         _err(e)
     sys.exit(EXIT_INVALID if errors else EXIT_OK)
+
+
+def _age_seconds(stamp: Any) -> float | None:
+    if not isinstance(stamp, str):
+        return None
+    try:
+        then = datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return time.time() - then.timestamp()
 
 
 def _pid_alive(pid: int) -> bool:

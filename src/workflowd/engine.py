@@ -42,6 +42,7 @@ CHAIN_TRIGGERS = ("task.failed", "task.orphaned")
 BREAKER_CHECK_SECONDS = 1.0
 PRUNE_EVERY_SECONDS = 3600.0
 MAX_CONCURRENT_RUNS = 256
+STATIC_CACHE_SIZE = 20_000
 
 
 @dataclass(slots=True)
@@ -105,6 +106,11 @@ class Engine:
         self.breakers: dict[str, Breaker] = {}
         # task ids whose lifecycle the chain table follows (read by the intake thread)
         self.watch: set[str] = set()
+        self._inbox: collections.deque[tuple[Any, Any]] = collections.deque()
+        self._wakeup_pending = False
+        # verdicts of the trigger-only conditions, by the fields they read
+        self._static: dict[tuple[Any, ...], tuple[LoadedWorkflow, ...]] = {}
+        self._trigger_count: dict[str, Any] = {}
         # orphaned task id -> (retry id, run id, action index) while the retry may be pending
         self.orphan_retries: dict[str, tuple[str, int, int]] = {}
         self.error: BaseException | None = None
@@ -244,6 +250,7 @@ class Engine:
 
     def _swap(self, snapshot: Snapshot) -> None:
         self.snapshot, self._index = snapshot, _index(snapshot)
+        self._static = {}
         for lw in snapshot.workflows.values():
             self._breaker(lw)
 
@@ -251,19 +258,38 @@ class Engine:
 
     def submit(self, ctx: TriggerContext, info: TaskInfo | None) -> None:
         """Hand a trigger over (called from the intake thread; never blocks)."""
-        loop = self._loop
-        if loop is None or not self._accepting:
-            return
-        with contextlib.suppress(RuntimeError):  # the loop closed during shutdown
-            loop.call_soon_threadsafe(self._on_trigger, ctx, info)
+        if self._accepting:
+            self._inbox.append((ctx, info))
+            if not self._wakeup_pending:
+                self._wake()
 
     def task_state(self, task_id: str, state: str) -> None:
         """A followed chain task changed state (called from the intake thread)."""
+        self._inbox.append((task_id, state))
+        if not self._wakeup_pending:
+            self._wake()
+
+    def _wake(self) -> None:
+        # One loop wake-up per batch: triggers handed over while one is pending ride along.
         loop = self._loop
         if loop is None:
             return
-        with contextlib.suppress(RuntimeError):
-            loop.call_soon_threadsafe(self._chain_state, task_id, state)
+        self._wakeup_pending = True
+        with contextlib.suppress(RuntimeError):  # the loop closed during shutdown
+            loop.call_soon_threadsafe(self._drain_inbox)
+
+    def _drain_inbox(self) -> None:
+        self._wakeup_pending = False
+        inbox = self._inbox
+        while inbox:
+            first, second = inbox.popleft()
+            try:
+                if isinstance(first, str):
+                    self._chain_state(first, second)
+                else:
+                    self._on_trigger(first, second)
+            except Exception:
+                log.exception("handling a trigger failed")
 
     def _chain_state(self, task_id: str, state: str) -> None:
         pending = self.orphan_retries.pop(task_id, None)
@@ -279,42 +305,68 @@ class Engine:
 
     # --- deciding -------------------------------------------------------------------
 
-    def _enrich(self, ctx: TriggerContext) -> TriggerContext:
-        if ctx.task_id is None:
-            return ctx
-        ref = self.chain_members.get(ctx.task_id)
-        root, attempt = (ref.root, ref.attempt) if ref is not None else (ctx.task_id, 0)
+    def _chain_position(self, ctx: TriggerContext) -> tuple[str, int, int]:
+        """(root, attempt, failure count) of the trigger's task; counts a chain failure."""
+        task_id = ctx.task_id or ""
+        ref = self.chain_members.get(task_id)
+        if ref is None:
+            return task_id, 0, 1 if ctx.trigger in CHAIN_TRIGGERS else 0
+        root = ref.root
         failures = self.chain_failures.get(root, 0)
         if ctx.trigger in CHAIN_TRIGGERS:
-            failures = failures + 1 if ref is not None else 1
-            if ref is not None:
-                self.chain_failures[root] = failures
-                self.watch.discard(ctx.task_id)
-                state = "FAILURE" if ctx.trigger == "task.failed" else "ORPHANED"
-                if self.store is not None:
-                    store, tid = self.store, ctx.task_id
-                    self.db_later(lambda: store.set_chain_state(tid, state))
-        return ctx.with_(
-            root_id=root,
-            attempt=attempt,
-            failure_count=failures,
-            extra={**ctx.extra, "celery_root_id": ctx.root_id},
+            failures += 1
+            self.chain_failures[root] = failures
+            self.watch.discard(task_id)
+            state = "FAILURE" if ctx.trigger == "task.failed" else "ORPHANED"
+            if self.store is not None:
+                store = self.store
+                self.db_later(lambda: store.set_chain_state(task_id, state))
+        return root, ref.attempt, failures
+
+    def _candidates(self, ctx: TriggerContext) -> tuple[LoadedWorkflow, ...]:
+        key = (
+            ctx.trigger,
+            ctx.threshold_seconds,
+            ctx.task_name,
+            ctx.queue,
+            ctx.worker,
+            ctx.exception,
         )
+        found = self._static.get(key)
+        if found is None:
+            found = tuple(
+                lw
+                for lw in self._index.get(ctx.trigger, ())
+                if (
+                    ctx.threshold_seconds is None
+                    or lw.workflow.trigger.threshold_seconds == ctx.threshold_seconds
+                )
+                and matching.static_match(lw.workflow, ctx)
+            )
+            if len(self._static) >= STATIC_CACHE_SIZE:
+                self._static = {}
+            self._static[key] = found
+        return found
 
     def _on_trigger(self, ctx: TriggerContext, info: TaskInfo | None) -> None:
         if not self._accepting:
             return
-        self.metrics.triggers.labels(ctx.trigger).inc()
-        candidates = self._index.get(ctx.trigger, ())
-        if ctx.trigger == "task.execution_time_exceeded":
-            candidates = [
-                lw
-                for lw in candidates
-                if lw.workflow.trigger.threshold_seconds == ctx.threshold_seconds
-            ]
+        counter = self._trigger_count.get(ctx.trigger)
+        if counter is None:
+            counter = self._trigger_count[ctx.trigger] = self.metrics.triggers.labels(ctx.trigger)
+        counter.inc()
+        if ctx.task_id is not None:
+            root, attempt, failures = self._chain_position(ctx)
+        candidates = self._candidates(ctx)
         if not candidates:
             return
-        ctx = self._enrich(ctx)
+        if ctx.task_id is not None:
+            ctx = ctx.with_(
+                root_id=root,
+                attempt=attempt,
+                failure_count=failures,
+                extra={**ctx.extra, "celery_root_id": ctx.root_id},
+            )
         now = self.clock()
         for lw in candidates:
             try:

@@ -57,6 +57,32 @@ def evaluate(
     return out
 
 
+def static_match(wf: Workflow, ctx: TriggerContext) -> bool:
+    """The conditions that depend only on the trigger's own fields (not on chain history).
+
+    Same verdicts as :func:`evaluate`, without building records: the daemon asks this
+    of every workflow for every trigger, and :func:`evaluate` only of those that pass.
+    """
+    c = wf.conditions
+    if c.task_name_pattern is not None:
+        rx = c.task_name_regex
+        if ctx.task_name is None or rx is None or rx.match(ctx.task_name) is None:
+            return False
+    if c.queue is not None:
+        qs = c.queue_set
+        if ctx.queue is None or qs is None or ctx.queue not in qs:
+            return False
+    if c.error_pattern is not None:
+        rx2 = c.error_regex
+        if ctx.exception is None or rx2 is None or rx2.search(ctx.exception) is None:
+            return False
+    if c.worker_pattern is not None:
+        rx3 = c.worker_regex
+        if ctx.worker is None or rx3 is None or rx3.match(ctx.worker) is None:
+            return False
+    return True
+
+
 def matches(results: list[ConditionResult]) -> bool:
     return all(r.matched for r in results)
 

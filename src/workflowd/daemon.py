@@ -113,6 +113,7 @@ class Daemon:
         # READY=1 and the RELOADING=1/READY=1 pairs of reloads never interleave
         self._lifecycle = threading.Lock()
         self._ready_sent = False
+        self._subscribing = False
         self._watchdog = sdnotify.watchdog_interval()
         self._stop_signal: int | None = None
         self._hup = False
@@ -125,6 +126,7 @@ class Daemon:
         self._main_beat = time.monotonic()
         self._problem: str | None = None
         self._status_sent = ""
+        self._exported_breakers: set[str] = set()
         self._http: http.server.ThreadingHTTPServer | None = None
 
     # --- reload -------------------------------------------------------------------
@@ -217,6 +219,20 @@ class Daemon:
     # --- intake callbacks (intake thread) ------------------------------------------------
 
     def _on_connected(self) -> None:
+        # The consumer is declared, but on Redis kombu sends PSUBSCRIBE only when it
+        # first polls: READY=1 waits for the first tick, which follows a poll.
+        self._subscribing = True
+
+    def _on_tick(self) -> None:
+        # cluster state belongs to the intake thread: thresholds change here
+        if self._pending_thresholds is not None:
+            self.state.set_thresholds(self._pending_thresholds)
+            self._pending_thresholds = None
+        if self._subscribing:
+            self._subscribing = False
+            self._send_ready()
+
+    def _send_ready(self) -> None:
         with self._lifecycle:
             if self._ready_sent:
                 return
@@ -224,12 +240,6 @@ class Daemon:
             self._status_sent = self._status_line(connected=True)
             sdnotify.notify(f"READY=1\nSTATUS={self._status_sent}")
         log.info("ready", workflows=len(self.snapshot.workflows))
-
-    def _on_tick(self) -> None:
-        # cluster state belongs to the intake thread: thresholds change here
-        if self._pending_thresholds is not None:
-            self.state.set_thresholds(self._pending_thresholds)
-            self._pending_thresholds = None
 
     # --- status ------------------------------------------------------------------------
 
@@ -463,11 +473,17 @@ class Daemon:
             self._lifecycle.release()
 
     def _export_breakers(self) -> None:
-        """Circuit state gauges for every loaded workflow (0 too, so alerts see it)."""
+        """Circuit state gauges for every loaded workflow (0 too, so alerts see it);
+        a removed workflow's series goes away with it."""
         summary = self.engine.breaker_summary()
-        for name in self.snapshot.workflows:
+        names = set(self.snapshot.workflows)
+        for name in names:
             state = summary.get(name, {}).get("state", "closed")
             self.metrics.circuit_open.labels(name).set(1 if state == "open" else 0)
+        for name in self._exported_breakers - names:
+            with contextlib.suppress(KeyError):
+                self.metrics.circuit_open.remove(name)
+        self._exported_breakers = names
 
     def run(self) -> int:
         self._signals()

@@ -90,8 +90,9 @@ class Daemon:
         self.stop_event = threading.Event()
         self.reload_event = threading.Event()
         self.redact = redact or logs.Redact()
-        self.snapshot = loader.load_paths([settings.workflows_dir])
+        # hash first, then load: an edit in between makes the next poll reload
         self._fingerprint = fingerprint([settings.workflows_dir])
+        self.snapshot = loader.load_paths([settings.workflows_dir])
         self.last_reload: dict[str, Any] = {}
         self._note_reload(self.snapshot, time.time())
         self.engine = Engine(settings, self.snapshot, metrics=self.metrics)
@@ -100,8 +101,10 @@ class Daemon:
         )
         self.state.watch = self.engine.watch
         self.state.on_state = self.engine.task_state
-        self.state.set_thresholds(_thresholds(self.snapshot))
-        self._pending_thresholds: tuple[float, ...] | None = None
+        # written by reloads, applied by the intake thread (the state is its own)
+        self._wanted_thresholds = _thresholds(self.snapshot)
+        self._applied_thresholds = self._wanted_thresholds
+        self.state.set_thresholds(self._applied_thresholds)
         self.intake = Intake(
             settings,
             self.state,
@@ -181,7 +184,7 @@ class Daemon:
             old = self.snapshot
             self.snapshot = snap
             self.engine.set_snapshot(snap)
-            self._pending_thresholds = _thresholds(snap)
+            self._wanted_thresholds = _thresholds(snap)
             self._note_reload(snap, time.time())
             changed = sorted(
                 name
@@ -225,9 +228,10 @@ class Daemon:
 
     def _on_tick(self) -> None:
         # cluster state belongs to the intake thread: thresholds change here
-        if self._pending_thresholds is not None:
-            self.state.set_thresholds(self._pending_thresholds)
-            self._pending_thresholds = None
+        wanted = self._wanted_thresholds
+        if wanted is not self._applied_thresholds:
+            self.state.set_thresholds(wanted)
+            self._applied_thresholds = wanted
         if self._subscribing:
             self._subscribing = False
             self._send_ready()
@@ -413,6 +417,7 @@ class Daemon:
         """The main loop: watchdog, status, and what the signal handlers asked for."""
         next_watchdog = 0.0
         next_status = 0.0
+        self._engine_beat = time.monotonic()  # startup time is not a stall
         while True:
             now = time.monotonic()
             self._main_beat = now

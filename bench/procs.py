@@ -42,6 +42,14 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
+def machine_busy_seconds() -> float:
+    """CPU seconds all processes on the machine have used since boot (every core)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    guest = sum(fields[8:10]) if len(fields) > 9 else 0  # already inside user/nice
+    return (sum(fields) - idle - guest) / CLK_TCK
+
+
 def memory_kib(pid: int) -> dict[str, int]:
     """VmRSS and VmHWM (peak RSS) of a process, in KiB."""
     out = {}
@@ -268,6 +276,7 @@ class DaemonConsumer(Consumer):
         env: dict[str, str] | None = None,
         profile: str | None = None,
         extra_config: dict[str, Any] | None = None,
+        src: Path | None = None,
     ) -> None:
         self.tmp = Path(tempfile.mkdtemp(prefix="bench-workflowd-"))
         self.port = free_port()
@@ -285,6 +294,7 @@ class DaemonConsumer(Consumer):
         self.log_path = self.tmp / "workflowd.log"
         self.env = dict(env or {})
         self.profile = profile
+        self.src = src  # run workflowd from this source tree instead of the installed one
         self.proc: subprocess.Popen[bytes] | None = None
 
     def command(self) -> list[str]:
@@ -297,6 +307,10 @@ class DaemonConsumer(Consumer):
         env = {k: v for k, v in os.environ.items() if not k.startswith(("WORKFLOWD_", "CELERY_"))}
         env.update({"WORKFLOWD_CONFIG": "", **self.env})
         env.pop("NOTIFY_SOCKET", None)
+        if self.src is not None:
+            env["PYTHONPATH"] = os.pathsep.join(
+                p for p in (str(self.src), env.get("PYTHONPATH", "")) if p
+            )
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             self.command(),

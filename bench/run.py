@@ -47,6 +47,7 @@ from bench.procs import (
     cpu_seconds,
     machine_busy_seconds,
     memory_kib,
+    metric_sum,
     wait_until,
 )
 from bench.sink import SinkProcess
@@ -99,7 +100,7 @@ class Settings:
             probe_rate=5.0 if quick else 10.0,
             background_rate=1000.0,
             rss_tasks=5_000 if quick else 1_000_000,
-            rss_rate_cap=14_000,
+            rss_rate_cap=10_000,
             rss_rate=4000 if quick else None,
             profile="none" if quick else "py-spy",
             phases=("rates", "burst", "latency", "rss"),
@@ -130,7 +131,9 @@ class Probe:
     cpu_seconds: float = 0.0
     cpu_per_100k: float | None = None
     backlog_peak_bytes: int = 0  # largest pub/sub output buffer redis held for it
-    dropped: int = 0  # redis closed the subscriber / the consumer had to reconnect
+    dropped: int = 0  # times redis closed the subscriber (its log) + consumer reconnects
+    redis_dropped: int = 0
+    reconnects: int = 0
     publisher_cpu_seconds: float = 0.0  # the other processes of the bench meanwhile
     redis_cpu_seconds: float = 0.0
     foreign_cpu_seconds: float = 0.0  # used by processes that are not the bench's
@@ -293,7 +296,9 @@ class Bench:
         )
         if probe.handled:
             probe.cpu_per_100k = round(cpu / probe.handled * 100_000, 2)
-        probe.dropped = (c.drops() - drops0) + (self.redis.dropped() - redis_drops0)
+        probe.reconnects = c.drops() - drops0
+        probe.redis_dropped = self.redis.dropped() - redis_drops0
+        probe.dropped = probe.reconnects + probe.redis_dropped
         probe.ok = (
             probe.handled_at_grace >= KEEP_UP * report.events
             and probe.dropped == 0
@@ -408,7 +413,8 @@ class Bench:
             out[label] = asdict(probe)
             _say(
                 f"  ({label}) burst at {probe.publish_rate:,}/s: handled {probe.handled:,}/"
-                f"{probe.published:,}, dropped {probe.dropped}x, consuming afterwards: "
+                f"{probe.published:,}, dropped by redis {probe.redis_dropped}x, reconnected "
+                f"{probe.reconnects}x, consuming afterwards: "
                 f"{probe.extra['consuming_after_burst']}"
             )
         self.results["burst"] = out
@@ -440,9 +446,29 @@ class Bench:
             f"phase latency: {s.probe_rate:g} failures/s for {s.latency_seconds:g} s "
             f"over {s.background_rate:,.0f} events/s of background"
         )
+        for attempt in range(1, BUSY_ATTEMPTS + 1):
+            result = self.latency_once()
+            result["steady"]["attempts"] = attempt
+            steady = result["steady"]
+            busy = steady["foreign_cpu_seconds"] / (s.latency_seconds + GRACE)
+            if busy <= BUSY_LIMIT or attempt == BUSY_ATTEMPTS:
+                break
+            _say(f"  other programs used {busy:.0%} of a core meanwhile; measuring again")
+            time.sleep(10)
+        self.results["latency"] = result
+        for what in ("retry", "slack"):
+            r = result[what]
+            _say(
+                f"  publish -> {what}: p50 {r['p50_ms']} ms, p99 {r['p99_ms']} ms, "
+                f"max {r['max_ms']} ms ({r['n']}/{result['probes']} arrived)"
+            )
+
+    def latency_once(self) -> dict[str, Any]:
+        s = self.s
         retries: dict[str, float] = {}
         stop = threading.Event()
         client = self.redis.client()
+        client.delete(workflows.PROBE_RETRY_QUEUE)
 
         def watch_retries() -> None:
             while not stop.is_set():
@@ -467,7 +493,7 @@ class Bench:
                 probe_rate=s.probe_rate,
             )
             probe = Probe(consumer="c", rate=s.background_rate)
-            report = self.measure(c, probe, lambda: self.publisher.live(plan))
+            report = self.measure(c, probe, functools.partial(self.publisher.live, plan))
             sent = report.probes
 
             def complete() -> bool:
@@ -477,7 +503,6 @@ class Bench:
             with contextlib.suppress(TimeoutError):
                 wait_until(complete, 15, interval=0.2, what="probe retries and posts")
             arrivals = self.sink.stats()["arrivals"]
-            extra = c.extra()
         finally:
             stop.set()
             watcher.join(2)
@@ -490,30 +515,23 @@ class Bench:
         steady = {u: t for u, t in sent.items() if u not in cold}
         slack = [(arrivals[u] - t) * 1000 for u, t in steady.items() if u in arrivals]
         retry = [(retries[u] - t) * 1000 for u, t in steady.items() if u in retries]
-        self.results["latency"] = {
+
+        def ms(got: dict[str, float]) -> list[float]:
+            return sorted(round((got[u] - sent[u]) * 1000, 1) for u in cold if u in got)
+
+        return {
             "probes": len(steady),
             "warmup_excluded": {
                 "seconds": LATENCY_WARMUP,
                 "probes": len(cold),
-                "slack_ms": sorted(
-                    round((arrivals[u] - sent[u]) * 1000, 1) for u in cold if u in arrivals
-                ),
-                "retry_ms": sorted(
-                    round((retries[u] - sent[u]) * 1000, 1) for u in cold if u in retries
-                ),
+                "slack_ms": ms(arrivals),
+                "retry_ms": ms(retries),
             },
-            "background_events_per_s": report.rate,
+            "background_events_per_s": round(report.rate),
             "slack": _percentiles(slack, len(steady)),
             "retry": _percentiles(retry, len(steady)),
             "steady": asdict(probe),
-            "daemon": extra,
         }
-        for what in ("retry", "slack"):
-            r = self.results["latency"][what]
-            _say(
-                f"  publish -> {what}: p50 {r['p50_ms']} ms, p99 {r['p99_ms']} ms, "
-                f"max {r['max_ms']} ms ({r['n']}/{len(steady)} arrived)"
-            )
 
     # --- phase 4: RSS after 1M tasks --------------------------------------------------------
 
@@ -542,13 +560,28 @@ class Bench:
         profile: dict[str, Any] = {}
 
         def sample() -> None:
+            # RSS beside what may explain it: the backlog redis holds for the daemon,
+            # events handled so far and tasks the daemon tracks
             t0 = time.monotonic()
-            while not stop.wait(2.0):
-                with contextlib.suppress(Exception):
-                    m = memory_kib(c.pid)
-                    samples.append(
-                        {"t": round(time.monotonic() - t0, 1), "rss_kib": m.get("VmRSS", 0)}
-                    )
+            client = self.redis.client()
+            try:
+                while not stop.wait(2.0):
+                    with contextlib.suppress(Exception):
+                        m = memory_kib(c.pid)
+                        metrics = c.metrics()
+                        samples.append(
+                            {
+                                "t": round(time.monotonic() - t0, 1),
+                                "rss_kib": m.get("VmRSS", 0),
+                                "backlog_kib": self.redis.pubsub_backlog(client) // 1024,
+                                "events": int(metric_sum(metrics, "workflowd_events_total")),
+                                "tasks_tracked": int(
+                                    metric_sum(metrics, "workflowd_tasks_tracked")
+                                ),
+                            }
+                        )
+            finally:
+                client.close()
 
         def spy() -> None:
             # a steady stretch in the middle of the run
@@ -849,7 +882,8 @@ def table(results: dict[str, Any]) -> str:
     rates = results.get("rates")
     if rates:
         lines.append("")
-        lines.append("consumer                                   sustained ev/s   CPU s/100k")
+        start = results["settings"]["start_rate"]
+        lines.append(f"{'consumer':<42} {'sustained ev/s':>14}   CPU s/100k there   at {start:,}/s")
         names = {
             "a": "(a) EventReceiver, no-op handler",
             "b": "(b) EventReceiver + State (as Flower)",
@@ -860,7 +894,8 @@ def table(results: dict[str, Any]) -> str:
             lim = " (publisher-limited)" if r["publisher_limited"] else ""
             lines.append(
                 f"{names[k]:<42} {r['sustained_rate']:>14,}   "
-                f"{r['cpu_per_100k_at_sustained']!s:>10}{lim}"
+                f"{r['cpu_per_100k_at_sustained']!s:>16}   {r['cpu_per_100k_at_start_rate']!s:>9}"
+                f"{lim}"
             )
     burst = results.get("burst")
     if burst:
@@ -869,7 +904,8 @@ def table(results: dict[str, Any]) -> str:
             b = burst[k]
             lines.append(
                 f"burst ({k}): {b['published']:,} events at {b['publish_rate']:,}/s -> handled "
-                f"{b['handled']:,}, dropped {b['dropped']}x, consuming afterwards: "
+                f"{b['handled']:,}, dropped by redis {b['redis_dropped']}x, reconnected "
+                f"{b['reconnects']}x, consuming afterwards: "
                 f"{b['extra'].get('consuming_after_burst')}"
             )
     lat = results.get("latency")
@@ -879,14 +915,14 @@ def table(results: dict[str, Any]) -> str:
             r = lat[k]
             lines.append(
                 f"latency task-failed -> {k:<5}: p50 {r['p50_ms']} ms  p99 {r['p99_ms']} ms  "
-                f"max {r['max_ms']} ms  ({r['n']}/{lat['probes']})"
+                f"max {r['max_ms']} ms  ({r['n']}/{lat['probes']}){_busy(lat['steady'])}"
             )
     rss = results.get("rss")
     if rss:
         lines.append("")
         lines.append(
             f"peak RSS after {rss['tasks']:,} tasks at {rss['rate']:,} ev/s: "
-            f"{rss['peak_rss_mib']} MiB (kept up: {rss['steady']['ok']})"
+            f"{rss['peak_rss_mib']} MiB (kept up: {rss['steady']['ok']}){_busy(rss['steady'])}"
         )
     r = results.get("ratios", {})
     if r:
@@ -897,6 +933,13 @@ def table(results: dict[str, Any]) -> str:
                 f"{'met' if v['met'] else 'MISSED'}"
             )
     return "\n".join(lines)
+
+
+def _busy(probe: dict[str, Any]) -> str:
+    """A note when other programs took a noticeable share of the machine during a probe."""
+    seconds = probe["published"] / max(1.0, probe["publish_rate"]) + GRACE
+    share = probe["foreign_cpu_seconds"] / seconds
+    return f"  [other programs used {share:.0%} of a core]" if share > BUSY_LIMIT else ""
 
 
 def main(argv: list[str] | None = None) -> int:

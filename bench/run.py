@@ -60,6 +60,8 @@ GRACE = 1.0  # ... within this many seconds after publishing stopped
 LATENCY_WARMUP = 2.0  # seconds of latency probes counted apart as cold
 BUSY_LIMIT = 0.15  # share of a core other programs may use during a probe ...
 BUSY_ATTEMPTS = 3  # ... before it is measured again, this many times at most
+QUIET_SHARE = 0.10  # before each measurement: other programs below this share of a core
+QUIET_WAIT = 120.0  # for up to this many seconds
 TARGETS = {
     "c_over_a": 1.0,
     "c_over_b": 2.0,
@@ -84,6 +86,8 @@ class Settings:
     rss_rate: int | None
     profile: str  # py-spy | cprofile | none
     phases: tuple[str, ...]
+    quiet_wait: float = QUIET_WAIT  # seconds to wait for other programs before measuring
+    busy_attempts: int = BUSY_ATTEMPTS
     src: Path | None = None  # workflowd source tree to measure (default: the installed one)
 
     @classmethod
@@ -104,6 +108,8 @@ class Settings:
             rss_rate=4000 if quick else None,
             profile="none" if quick else "py-spy",
             phases=("rates", "burst", "latency", "rss"),
+            quiet_wait=0.0 if quick else QUIET_WAIT,
+            busy_attempts=1 if quick else BUSY_ATTEMPTS,
         )
         for name in ("seconds", "start_rate", "max_rate", "bisect_steps", "rss_tasks", "rss_rate"):
             value = getattr(args, name)
@@ -216,9 +222,31 @@ class Bench:
         wait_until(counted, timeout, interval=0, what=f"consumer ({c.label}) to subscribe")
         time.sleep(0.3)
 
-    def own_cpu(self, c: Consumer) -> float:
+    def wait_quiet(self) -> float:
+        """Wait (bounded) until other programs leave the machine alone for 2 s in a row.
+
+        Returns the seconds waited. The two cores are shared: a probe measured while
+        something else runs measures that something too.
+        """
+        limit = self.s.quiet_wait
+        waited, calm = 0.0, 0
+        while waited < limit and calm < 2:
+            ours, busy = self.own_cpu(None), machine_busy_seconds()
+            time.sleep(1.0)
+            waited += 1.0
+            foreign = (machine_busy_seconds() - busy) - (self.own_cpu(None) - ours)
+            calm = calm + 1 if foreign < QUIET_SHARE else 0
+        if limit and waited >= limit:
+            _say(f"  the machine stayed busy for {limit:.0f} s; measuring anyway")
+        elif waited > 2:
+            _say(f"  waited {waited:.0f} s for other programs to finish")
+        return waited
+
+    def own_cpu(self, c: Consumer | None) -> float:
         """CPU seconds of every process of the bench (the consumer's included)."""
-        pids = {os.getpid(), c.pid, self.publisher.pid, self.redis.pid, self.sink.pid}
+        pids = {os.getpid(), self.publisher.pid, self.redis.pid, self.sink.pid}
+        if c is not None:
+            pids.add(c.pid)
         total = 0.0
         for pid in pids:
             if pid:
@@ -256,7 +284,7 @@ class Bench:
         drain_max: float = 10.0,
     ) -> Report:
         """Run ``publish`` against a started, warmed-up consumer and fill in ``probe``."""
-        base, cpu0 = c.count(), c.cpu()
+        base, cpu0 = c.counts(), c.cpu()
         drops0, redis_drops0 = c.drops(), self.redis.dropped()
         others = {"publisher": self.publisher.pid, "redis": self.redis.pid}
         others0 = {k: cpu_seconds(p) for k, p in others.items() if p}
@@ -272,7 +300,7 @@ class Bench:
             grace_end, deadline = report.finished + GRACE, report.finished + drain_max
             while True:
                 now = time.monotonic()
-                handled = c.count() - base
+                handled = handled_since(base, c.counts(), report)
                 if at_grace is None and (now >= grace_end or handled >= report.events):
                     at_grace = handled
                 if handled >= report.events:
@@ -316,7 +344,8 @@ class Bench:
         self.ensure_pool(events)
         plan = self.plan(tasks=0, rate=float(rate))
         replay = functools.partial(self.publisher.replay, plan, events)
-        for attempt in range(1, BUSY_ATTEMPTS + 1):
+        for attempt in range(1, self.s.busy_attempts + 1):
+            self.wait_quiet()
             probe = Probe(consumer=label, rate=rate, attempts=attempt)
             c = self.consumer(label)
             c.start()
@@ -329,7 +358,7 @@ class Bench:
                     c.cleanup()
             # Another program took CPU from the two cores meanwhile: measure again.
             busy = probe.foreign_cpu_seconds / (report.seconds + GRACE)
-            if busy <= BUSY_LIMIT or attempt == BUSY_ATTEMPTS:
+            if busy <= BUSY_LIMIT or attempt == self.s.busy_attempts:
                 break
             _say(
                 f"  ({label}) {rate:>7,}/s: other programs used {busy:.0%} of a core "
@@ -420,6 +449,7 @@ class Bench:
         self.results["burst"] = out
 
     def burst(self, label: str, n: int) -> Probe:
+        self.wait_quiet()
         probe = Probe(consumer=label, rate=0)
         c = self.consumer(label)
         c.start()
@@ -446,12 +476,13 @@ class Bench:
             f"phase latency: {s.probe_rate:g} failures/s for {s.latency_seconds:g} s "
             f"over {s.background_rate:,.0f} events/s of background"
         )
-        for attempt in range(1, BUSY_ATTEMPTS + 1):
+        for attempt in range(1, self.s.busy_attempts + 1):
+            self.wait_quiet()
             result = self.latency_once()
             result["steady"]["attempts"] = attempt
             steady = result["steady"]
             busy = steady["foreign_cpu_seconds"] / (s.latency_seconds + GRACE)
-            if busy <= BUSY_LIMIT or attempt == BUSY_ATTEMPTS:
+            if busy <= BUSY_LIMIT or attempt == self.s.busy_attempts:
                 break
             _say(f"  other programs used {busy:.0%} of a core meanwhile; measuring again")
             time.sleep(10)
@@ -553,6 +584,7 @@ class Bench:
             s.profile = "cprofile"
         if s.profile == "cprofile":
             profile_path = str(RESULTS / f"profile-{self.stamp}.prof")
+        self.wait_quiet()
         c = self.daemon(profile=profile_path)
         c.start()
         samples: list[dict[str, Any]] = []
@@ -644,6 +676,17 @@ class Bench:
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def handled_since(base: dict[str, int], now: dict[str, int], report: Report) -> int:
+    """Events of ``report`` a consumer handled: per type, at most what was published of it.
+
+    The cap keeps events the consumer causes itself (the daemon's retries may emit
+    task-sent) from counting as published ones.
+    """
+    if "*" in now:
+        return min(now["*"] - base.get("*", 0), report.events)
+    return sum(min(now.get(kind, 0) - base.get(kind, 0), n) for kind, n in report.by_type.items())
 
 
 def _percentiles(values: list[float], expected: int) -> dict[str, Any]:

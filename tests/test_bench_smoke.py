@@ -81,6 +81,8 @@ def test_quick_bench_phases(tmp_path: Any) -> None:
         rss_rate=4000,
         profile="none",
         phases=("rates", "burst", "latency", "rss"),
+        quiet_wait=0.0,
+        busy_attempts=1,
     )
     bench = bench_run.Bench(settings)
     try:

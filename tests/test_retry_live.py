@@ -89,6 +89,7 @@ def test_truncated_args_are_retried_byte_identical(
     assert detail["args_source"] == "result_backend"
     assert detail["task_id"] == second["task_id"]
     assert (detail["queue"], detail["queue_source"]) == ("celery", "task-sent")
+    # the retry's own queue comes from the chain: workflowd sent it there
 
 
 def test_truncated_args_without_backend_are_refused(

@@ -49,6 +49,7 @@ STATIC_CACHE_SIZE = 20_000
 class ChainRef:
     root: str
     attempt: int
+    queue: str | None = None  # where workflowd sent it (for its own retries)
 
 
 @dataclass
@@ -209,11 +210,11 @@ class Engine:
             self.metrics.runs.labels(row["workflow"], "interrupted").inc()
         since = now - self.settings.history_retention_days * 86400
         for r in self.store.iter_rows(
-            "SELECT task_id, parent_id, root_id, attempt, state FROM chain_tasks "
+            "SELECT task_id, parent_id, root_id, attempt, state, queue FROM chain_tasks "
             "WHERE COALESCE(updated_at, sent_at, 0) >= ?",
             [since],
         ):
-            self.chain_members[r["task_id"]] = ChainRef(r["root_id"], r["attempt"])
+            self.chain_members[r["task_id"]] = ChainRef(r["root_id"], r["attempt"], r["queue"])
             if r["parent_id"]:
                 self.retried.add(r["parent_id"])
             if r["state"] in ("FAILURE", "ORPHANED"):
@@ -604,8 +605,11 @@ class Engine:
                 "task name unknown: no task-received/task-sent event was seen and "
                 "no result backend holds it"
             )
+        sent_to = self.chain_members.get(ctx.task_id)
         if action.queue:
             queue, queue_source = action.queue, "action"
+        elif sent_to is not None and sent_to.queue:
+            queue, queue_source = sent_to.queue, "chain"
         elif ctx.queue:
             queue, queue_source = ctx.queue, ctx.queue_source or "event"
         elif meta is not None and meta.get("queue"):
@@ -656,6 +660,7 @@ class Engine:
                     run_id=run.id,
                     sent_at=sent_at,
                     state="SENDING",
+                    queue=queue,
                 )
                 store.update_run(run)
 
@@ -663,7 +668,7 @@ class Engine:
         if failed_id not in self.chain_members:
             self.chain_members[failed_id] = ChainRef(root, 0)
             self.chain_failures[root] = max(self.chain_failures.get(root, 0), 1)
-        self.chain_members[new_id] = ChainRef(root, plan.attempt)
+        self.chain_members[new_id] = ChainRef(root, plan.attempt, queue)
         self.watch.add(new_id)
         headers = {"workflowd_workflow": run.workflow, "workflowd_attempt": plan.attempt}
         try:

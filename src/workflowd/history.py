@@ -55,7 +55,8 @@ CREATE TABLE IF NOT EXISTS chain_tasks (
     run_id INTEGER,
     sent_at REAL,
     state TEXT,
-    updated_at REAL
+    updated_at REAL,
+    queue TEXT
 );
 CREATE INDEX IF NOT EXISTS chain_root ON chain_tasks (root_id);
 

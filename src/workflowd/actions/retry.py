@@ -89,7 +89,9 @@ class RetrySender:
             "workflowd", broker=broker_url, backend=result_backend, set_as_current=False
         )
         self.app.conf.update(
-            task_send_sent_event=True,
+            # No task-sent event per retry: it costs a publish, and the chain records
+            # the queue the retry went to.
+            task_send_sent_event=False,
             broker_connection_retry_on_startup=True,
             broker_connection_max_retries=3,
             result_extended=True,

@@ -5,7 +5,8 @@ Two sources, one contract. On Redis, Celery publishes events with ``PUBLISH`` to
 parses the pub/sub stream with hiredis, which takes events off the socket several
 times faster than a kombu consumer (see bench/README.md) — intake speed is what
 keeps Redis from dropping a subscriber that falls 32 MB behind. Every other
-transport (RabbitMQ, Redis Sentinel) goes through a kombu consumer bound to every routing key, like Celery's own receiver.
+transport (RabbitMQ, Redis Sentinel) goes through a kombu consumer bound to
+every routing key, like Celery's own receiver.
 
 Per message the intake thread only decodes JSON and updates
 :class:`~workflowd.state.ClusterState`; triggers go to the engine without waiting.

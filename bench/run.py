@@ -298,6 +298,7 @@ class Bench:
             at_grace: int | None = None
             cpu_done = None
             grace_end, deadline = report.finished + GRACE, report.finished + drain_max
+            last, last_change = -1, time.monotonic()
             while True:
                 now = time.monotonic()
                 handled = handled_since(base, c.counts(), report)
@@ -307,7 +308,10 @@ class Bench:
                     probe.drain_seconds = round(now - report.finished, 2)
                     cpu_done = c.cpu()
                     break
-                if now >= deadline:
+                if handled != last:
+                    last, last_change = handled, now
+                # Nothing more for 2 s after the grace: what is missing is lost (dropped).
+                if now >= deadline or (at_grace is not None and now - last_change >= 2.0):
                     break
                 time.sleep(0.2)
             probe.handled_at_grace = at_grace or 0
@@ -770,6 +774,14 @@ def machine_info(redis_version: str, src: Path | None = None) -> dict[str, Any]:
         ).stdout.strip()
         if dirty:
             commit += " (src modified)"
+    from importlib import metadata
+
+    libraries: dict[str, str | None] = {}
+    for name in ("redis", "hiredis", "orjson", "httpx"):
+        try:
+            libraries[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            libraries[name] = None
     return {
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "cpu": model,
@@ -780,6 +792,7 @@ def machine_info(redis_version: str, src: Path | None = None) -> dict[str, Any]:
         "celery": celery.__version__,
         "kombu": kombu.__version__,
         "redis": redis_version,
+        "libraries": libraries,  # redis-py uses hiredis's parser when it is installed
         "workflowd_commit": commit,
     }
 
@@ -922,6 +935,8 @@ def table(results: dict[str, Any]) -> str:
         f"{m['date']}  {m['cpu']}, {m['cores']} cores, Python {m['python']}, celery "
         f"{m['celery']}, kombu {m['kombu']}, redis {m['redis']}, workflowd {m['workflowd_commit']}"
     )
+    libs = ", ".join(f"{k} {v}" for k, v in m.get("libraries", {}).items() if v)
+    lines.append(f"libraries: {libs}")
     rates = results.get("rates")
     if rates:
         lines.append("")

@@ -985,6 +985,10 @@ def table(results: dict[str, Any]) -> str:
     r = results.get("ratios", {})
     if r:
         lines.append("")
+        if results.get("settings", {}).get("quick"):
+            lines.append(
+                "quick run: every rate is capped at the start rate; the ratios say nothing"
+            )
         for k, v in r.items():
             lines.append(
                 f"target {k:<15} {v['value']!s:>8} vs {v['target']:<6} "

@@ -26,6 +26,7 @@ import structlog
 from workflowd import matching, model
 from workflowd.actions import notify
 from workflowd.actions.retry import RetrySender
+from workflowd.chains import ChainBook
 from workflowd.context import TriggerContext
 from workflowd.errors import ActionError, DeliveryError, RetryRefused
 from workflowd.history import Run, Store
@@ -43,13 +44,7 @@ BREAKER_CHECK_SECONDS = 1.0
 PRUNE_EVERY_SECONDS = 3600.0
 MAX_CONCURRENT_RUNS = 256
 STATIC_CACHE_SIZE = 20_000
-
-
-@dataclass(slots=True)
-class ChainRef:
-    root: str
-    attempt: int
-    queue: str | None = None  # where workflowd sent it (for its own retries)
+FORGET_EVERY_SECONDS = 60.0
 
 
 @dataclass
@@ -99,14 +94,11 @@ class Engine:
         self._inflight: set[asyncio.Task[None]] = set()
         self._runs_sem: asyncio.Semaphore | None = None
         self._accepting = True
-        # in-memory mirrors of the store, so deciding never waits on SQLite
-        self.chain_members: dict[str, ChainRef] = {}
-        self.chain_failures: dict[str, int] = {}
-        self.retried: set[str] = set()
-        self.threshold_fired: set[tuple[str, str]] = set()
+        # in-memory view of the chains that can still change, so deciding never waits
+        # on SQLite; its watch set is read by the intake thread
+        self.chains = ChainBook(clock)
+        self.watch = self.chains.watch
         self.breakers: dict[str, Breaker] = {}
-        # task ids whose lifecycle the chain table follows (read by the intake thread)
-        self.watch: set[str] = set()
         self._inbox: collections.deque[tuple[Any, Any]] = collections.deque()
         self._wakeup_pending = False
         # verdicts of the trigger-only conditions, by the fields they read
@@ -209,20 +201,15 @@ class Engine:
             )
             self.metrics.runs.labels(row["workflow"], "interrupted").inc()
         since = now - self.settings.history_retention_days * 86400
-        for r in self.store.iter_rows(
-            "SELECT task_id, parent_id, root_id, attempt, state, queue FROM chain_tasks "
-            "WHERE COALESCE(updated_at, sent_at, 0) >= ?",
+        rows = self.store.iter_rows(
+            "SELECT task_id, parent_id, root_id, attempt, state, queue, sent_at, updated_at "
+            "FROM chain_tasks WHERE COALESCE(updated_at, sent_at, 0) >= ? "
+            "ORDER BY COALESCE(sent_at, 0), attempt",
             [since],
-        ):
-            self.chain_members[r["task_id"]] = ChainRef(r["root_id"], r["attempt"], r["queue"])
-            if r["parent_id"]:
-                self.retried.add(r["parent_id"])
-            if r["state"] in ("FAILURE", "ORPHANED"):
-                self.chain_failures[r["root_id"]] = self.chain_failures.get(r["root_id"], 0) + 1
-            if r["state"] not in ("SUCCESS", "FAILURE", "REVOKED", "ORPHANED"):
-                self.watch.add(r["task_id"])
-        for r in self.store.iter_rows("SELECT workflow, root_id FROM threshold_fired"):
-            self.threshold_fired.add((r["workflow"], r["root_id"]))
+        )
+        fired = self.store.iter_rows("SELECT workflow, root_id, fired_at FROM threshold_fired")
+        self.chains.load(rows, fired)
+        self.chains.prune()
         saved = self.store.breaker_states()
         for name, lw in self.snapshot.workflows.items():
             b = self._breaker(lw)
@@ -298,9 +285,8 @@ class Engine:
             # Celery redelivered the orphan itself: the retry we sent must not run too.
             self._revoke_retry(task_id, *pending)
             return
-        if state in ("SUCCESS", "REVOKED", "REJECTED"):
-            self.watch.discard(task_id)
-        if self.store is not None:
+        self.chains.state(task_id, state)
+        if self.chains.member(task_id) is not None and self.store is not None:
             store = self.store
             self.db_later(lambda: store.set_chain_state(task_id, state))
 
@@ -309,20 +295,13 @@ class Engine:
     def _chain_position(self, ctx: TriggerContext) -> tuple[str, int, int]:
         """(root, attempt, failure count) of the trigger's task; counts a chain failure."""
         task_id = ctx.task_id or ""
-        ref = self.chain_members.get(task_id)
-        if ref is None:
-            return task_id, 0, 1 if ctx.trigger in CHAIN_TRIGGERS else 0
-        root = ref.root
-        failures = self.chain_failures.get(root, 0)
-        if ctx.trigger in CHAIN_TRIGGERS:
-            failures += 1
-            self.chain_failures[root] = failures
-            self.watch.discard(task_id)
+        counts = ctx.trigger in CHAIN_TRIGGERS
+        position = self.chains.failed(task_id, counts)
+        if counts and self.store is not None and self.chains.member(task_id) is not None:
+            store = self.store
             state = "FAILURE" if ctx.trigger == "task.failed" else "ORPHANED"
-            if self.store is not None:
-                store = self.store
-                self.db_later(lambda: store.set_chain_state(task_id, state))
-        return root, ref.attempt, failures
+            self.db_later(lambda: store.set_chain_state(task_id, state))
+        return position
 
     def _candidates(self, ctx: TriggerContext) -> tuple[LoadedWorkflow, ...]:
         key = (
@@ -384,12 +363,12 @@ class Engine:
         results = matching.evaluate(
             wf,
             ctx,
-            threshold_already_fired=uses_threshold and threshold_key in self.threshold_fired,
+            threshold_already_fired=uses_threshold and self.chains.threshold_fired(*threshold_key),
         )
         if not matching.matches(results):
             return
         if uses_threshold and ctx.root_id:
-            self.threshold_fired.add(threshold_key)
+            self.chains.mark_fired(*threshold_key)
             if self.store is not None:
                 store, (wname, root) = self.store, threshold_key
                 self.db_later(lambda: store.mark_threshold_fired(wname, root, now))
@@ -451,7 +430,7 @@ class Engine:
         run.executed = True
         run.circuit_breaker["count"] = len(breaker.window)
         if plan is not None and ctx.task_id is not None:
-            self.retried.add(ctx.task_id)  # reserved now: one retry per failed task
+            self.chains.mark_retried(ctx.task_id)  # reserved now: one retry per failed task
         task = asyncio.get_running_loop().create_task(self._execute(run, lw, ctx, info, plan))
         self._inflight.add(task)
         task.add_done_callback(self._inflight.discard)
@@ -461,7 +440,7 @@ class Engine:
     ) -> str | None:
         if ctx.trigger == "task.orphaned" and info is not None and info.redelivered:
             return "redelivered"
-        if ctx.task_id is not None and ctx.task_id in self.retried:
+        if ctx.task_id is not None and self.chains.was_retried(ctx.task_id):
             return "already_retried"
         if (ctx.attempt or 0) + 1 > retry.max_attempts:
             return "max_attempts_reached"
@@ -605,7 +584,7 @@ class Engine:
                 "task name unknown: no task-received/task-sent event was seen and "
                 "no result backend holds it"
             )
-        sent_to = self.chain_members.get(ctx.task_id)
+        sent_to = self.chains.member(ctx.task_id)
         if action.queue:
             queue, queue_source = action.queue, "action"
         elif sent_to is not None and sent_to.queue:
@@ -639,7 +618,7 @@ class Engine:
             # Written before the publish: after a crash the run reads interrupted and the
             # chain row keeps the task from being retried a second time.
             with store.db.atomic():
-                if failed_id not in self.chain_members:
+                if self.chains.member(failed_id) is None:
                     store.upsert_chain_task(
                         task_id=failed_id,
                         parent_id=None,
@@ -665,11 +644,7 @@ class Engine:
                 store.update_run(run)
 
         await self._db(record)
-        if failed_id not in self.chain_members:
-            self.chain_members[failed_id] = ChainRef(root, 0)
-            self.chain_failures[root] = max(self.chain_failures.get(root, 0), 1)
-        self.chain_members[new_id] = ChainRef(root, plan.attempt, queue)
-        self.watch.add(new_id)
+        self.chains.add_retry(failed_id, new_id, root, plan.attempt, queue)
         headers = {"workflowd_workflow": run.workflow, "workflowd_attempt": plan.attempt}
         try:
             await loop.run_in_executor(
@@ -688,13 +663,13 @@ class Engine:
             )
         except Exception as exc:
             self.db_later(lambda: store.set_chain_state(new_id, "SEND_FAILED"))
-            self.watch.discard(new_id)
+            self.chains.state(new_id, "SEND_FAILED")
             raise ActionError(f"sending the retry failed: {type(exc).__name__}: {exc}") from exc
         self.db_later(lambda: store.set_chain_state(new_id, "SENT"))
         if ctx.trigger == "task.orphaned" and run.id is not None:
             index = next(i for i, a in enumerate(run.actions) if a is entry)
             self.orphan_retries[failed_id] = (new_id, run.id, index)
-            self.watch.add(failed_id)
+            self.chains.follow(failed_id)
         log.info(
             "retry sent",
             workflow=run.workflow,
@@ -710,8 +685,8 @@ class Engine:
     def _revoke_retry(self, orphan_id: str, retry_id: str, run_id: int, index: int) -> None:
         assert self.store is not None
         store = self.store
+        self.chains.state(retry_id, "REVOKED")
         self.watch.discard(orphan_id)
-        self.watch.discard(retry_id)
         note = "revoked: Celery redelivered the orphaned task itself"
 
         def revoke() -> None:
@@ -821,10 +796,15 @@ class Engine:
                 self._breaker_notice(lw, opened=False, suppressed=suppressed)
 
     async def _housekeeping(self) -> None:
-        last_prune = 0.0
+        last_prune = last_forget = 0.0
         while True:
             self.check_breakers()
             now = self.clock()
+            if now - last_forget > FORGET_EVERY_SECONDS:
+                last_forget = now
+                self.chains.prune()
+                for orphan in [o for o in self.orphan_retries if self.chains.member(o) is None]:
+                    del self.orphan_retries[orphan]
             if now - last_prune > PRUNE_EVERY_SECONDS and self.store is not None:
                 last_prune = now
                 store = self.store

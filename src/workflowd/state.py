@@ -111,7 +111,7 @@ class ClusterState:
         emit: Emit,
         *,
         worker_timeout: float = 30.0,
-        max_tasks: int = 100_000,
+        max_tasks: int = 50_000,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
     ) -> None:

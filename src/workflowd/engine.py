@@ -449,7 +449,10 @@ class Engine:
     def _record_skipped(self, run: Run, reason: str) -> None:
         run.outcome, run.reason, run.finished_at = "skipped", reason, run.started_at
         self.metrics.runs.labels(run.workflow, "skipped").inc()
-        log.info("workflow skipped", workflow=run.workflow, task_id=run.task_id, reason=reason)
+        # An open breaker can suppress thousands of triggers a second: history and the
+        # runs metric count them; the log says so only at debug level.
+        emit = log.debug if reason == "circuit_open" else log.info
+        emit("workflow skipped", workflow=run.workflow, task_id=run.task_id, reason=reason)
         if self.store is not None:
             store = self.store
             self.db_later(lambda: store.insert_run(run))

@@ -354,20 +354,7 @@ def status(as_json: bool, **flags: Any) -> None:
         snap = loader.load_paths([cfg.workflows_dir])
         errors = [str(i) for i in snap.errors]
         workflows: list[dict[str, Any]] = [
-            {
-                "name": lw.name,
-                "version": lw.version,
-                "file": lw.file,
-                "line": lw.line,
-                "trigger": lw.workflow.trigger.event,
-                "enabled": lw.workflow.enabled,
-                "kept_last_good": False,
-                "circuit_breaker": {
-                    "state": "unknown",
-                    "limit": lw.workflow.circuit_breaker.max_executions,
-                },
-            }
-            for lw in sorted(snap.workflows.values(), key=lambda w: w.name)
+            loader.summary(lw, snap) for lw in sorted(snap.workflows.values(), key=lambda w: w.name)
         ]
         last: dict[str, Any] = {"at": None, "success": not errors, "errors": errors}
         source = f"daemon not running; loaded {cfg.workflows_dir} directly"

@@ -279,21 +279,11 @@ class Daemon:
             "problem": self._problem,
             "last_reload": self.last_reload,
             "workflows": [
-                {
-                    "name": lw.name,
-                    "version": lw.version,
-                    "file": lw.file,
-                    "line": lw.line,
-                    "trigger": lw.workflow.trigger.event,
-                    "enabled": lw.workflow.enabled,
-                    # the file fails to load now; this is its last good version
-                    "kept_last_good": lw.file in snap.held,
-                    "circuit_breaker": {
-                        **breakers.get(lw.name, {"state": "closed", "count": 0, "suppressed": 0}),
-                        "limit": lw.workflow.circuit_breaker.max_executions,
-                        "window_hours": lw.workflow.circuit_breaker.time_window_hours,
-                    },
-                }
+                loader.summary(
+                    lw,
+                    snap,
+                    breakers.get(lw.name, {"state": "closed", "count": 0, "suppressed": 0}),
+                )
                 for lw in sorted(snap.workflows.values(), key=lambda w: w.name)
             ],
         }

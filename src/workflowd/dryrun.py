@@ -26,6 +26,7 @@ from workflowd.context import TriggerContext
 from workflowd.envref import Redactor, redact_url
 from workflowd.errors import DeliveryError
 from workflowd.loader import LoadedWorkflow
+from workflowd.templates import VARIABLES
 
 # Python's own regex parser (3.11+); only its parse tree is used, to build samples.
 _sre_parse: Any = importlib.import_module("re._parser")
@@ -291,22 +292,7 @@ def plan(
 
 def _event_dict(ctx: TriggerContext) -> dict[str, Any]:
     v = ctx.variables("")
-    keys = (
-        "trigger",
-        "timestamp",
-        "task_id",
-        "task_name",
-        "task_args",
-        "task_kwargs",
-        "queue",
-        "worker",
-        "exception",
-        "root_id",
-        "failure_count",
-        "attempt",
-        "elapsed_seconds",
-        "threshold_seconds",
-    )
+    keys = [k for k in VARIABLES if k not in ("workflow_name", "exception_type", "error_message")]
     return {k: v[k] for k in keys if v[k] is not None}
 
 

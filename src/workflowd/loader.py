@@ -37,6 +37,28 @@ class LoadedWorkflow:
         return self.workflow.name
 
 
+def summary(
+    lw: LoadedWorkflow, snapshot: Snapshot, breaker: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """One workflow as ``workflowd status`` shows it (``breaker``: the daemon's live state)."""
+    cb = lw.workflow.circuit_breaker
+    return {
+        "name": lw.name,
+        "version": lw.version,
+        "file": lw.file,
+        "line": lw.line,
+        "trigger": lw.workflow.trigger.event,
+        "enabled": lw.workflow.enabled,
+        # the file fails to load now; this is its last good version
+        "kept_last_good": lw.file in snapshot.held,
+        "circuit_breaker": {
+            **(breaker if breaker is not None else {"state": "unknown"}),
+            "limit": cb.max_executions,
+            "window_hours": cb.time_window_hours,
+        },
+    }
+
+
 @dataclass
 class FileResult:
     path: str

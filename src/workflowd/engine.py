@@ -53,6 +53,7 @@ class Breaker:
     opened_at: float | None = None
     suppressed: int = 0
     window: collections.deque[float] = field(default_factory=collections.deque)
+    dirty: bool = False  # suppressed count not saved yet
 
     def prune(self, now: float, seconds: float) -> None:
         cutoff = now - seconds
@@ -141,6 +142,7 @@ class Engine:
         await self._stop_requested.wait()
         housekeeping.cancel()
         await self._drain(self._drain_timeout)
+        self._flush_breakers()
         await self._http.aclose()
         await self._db(self._close_store)
         self._send_pool.shutdown(wait=False, cancel_futures=True)
@@ -421,7 +423,7 @@ class Engine:
                 self._persist_breaker(wf.name, breaker)
                 self._breaker_notice(lw, opened=True, suppressed=0)
             else:
-                self._persist_breaker(wf.name, breaker)
+                breaker.dirty = True  # the count is saved by check_breakers, once a second
             run.circuit_breaker["state"] = "open"
             run.actions = []
             self._record_skipped(run, "circuit_open")
@@ -711,6 +713,7 @@ class Engine:
     # --- circuit breaker ------------------------------------------------------------------
 
     def _persist_breaker(self, name: str, b: Breaker) -> None:
+        b.dirty = False
         if self.store is not None:
             store, state, opened, n = self.store, b.state, b.opened_at, b.suppressed
             self.db_later(lambda: store.save_breaker(name, state, opened, n))
@@ -741,32 +744,18 @@ class Engine:
         )
         if target is None:
             return
-        request: dict[str, Any]
         if isinstance(target, model.SlackAction):
-            request = {
-                "method": "POST",
-                "url": target.webhook_url,
-                "json_body": {"text": text},
-                "headers": None,
-                "timeout": 10.0,
-                "retries": notify.SLACK_RETRIES,
-            }
+            body: dict[str, Any] = {"text": text}
         else:
-            request = {
-                "method": target.method,
-                "url": target.url,
-                "headers": dict(target.headers) or None,
-                "timeout": target.timeout_seconds,
-                "retries": target.retries,
-                "json_body": {
-                    "event": "circuit_breaker.open" if opened else "circuit_breaker.closed",
-                    "workflow": wf.name,
-                    "limit": cb.max_executions,
-                    "window_hours": cb.time_window_hours,
-                    "suppressed": suppressed,
-                    "text": text,
-                },
+            body = {
+                "event": "circuit_breaker.open" if opened else "circuit_breaker.closed",
+                "workflow": wf.name,
+                "limit": cb.max_executions,
+                "window_hours": cb.time_window_hours,
+                "suppressed": suppressed,
+                "text": text,
             }
+        request = notify.request_for(target, {}, body=body)
         redact = self.snapshot.redactor
 
         async def post() -> None:
@@ -797,6 +786,13 @@ class Engine:
                 self.metrics.circuit_open.labels(name).set(0)
                 self._persist_breaker(name, b)
                 self._breaker_notice(lw, opened=False, suppressed=suppressed)
+            elif b.dirty:
+                self._persist_breaker(name, b)
+
+    def _flush_breakers(self) -> None:
+        for name, b in self.breakers.items():
+            if b.dirty:
+                self._persist_breaker(name, b)
 
     async def _housekeeping(self) -> None:
         last_prune = last_forget = 0.0

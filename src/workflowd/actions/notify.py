@@ -34,14 +34,21 @@ def webhook_body(action: model.WebhookAction, variables: dict[str, object]) -> A
 
 
 def request_for(
-    action: model.SlackAction | model.WebhookAction, variables: dict[str, object]
+    action: model.SlackAction | model.WebhookAction,
+    variables: dict[str, object],
+    *,
+    body: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """method, url, json body, headers, timeout and re-sends of one action."""
+    """method, url, json body, headers, timeout and re-sends of one action.
+
+    ``body`` replaces what the action would render (a webhook's whole body, a Slack
+    post's fields), for notices that are not about one task.
+    """
     if isinstance(action, model.SlackAction):
         return {
             "method": "POST",
             "url": action.webhook_url,
-            "json_body": {"text": action.template.render(variables)},
+            "json_body": body or {"text": action.template.render(variables)},
             "headers": None,
             "timeout": 10.0,
             "retries": SLACK_RETRIES,
@@ -49,7 +56,7 @@ def request_for(
     return {
         "method": action.method,
         "url": action.url,
-        "json_body": webhook_body(action, variables),
+        "json_body": body if body is not None else webhook_body(action, variables),
         "headers": dict(action.headers) or None,
         "timeout": action.timeout_seconds,
         "retries": action.retries,

@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 
-from tests.support.daemon import REPO
+from tests.support.daemon import REPO, metric, scrape_metrics
 from tests.support.httpsink import HttpSink
-from tests.support.procs import wait_for
+from tests.support.procs import free_port, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -311,7 +311,7 @@ def test_malformed_events_are_counted_and_skipped(
     from kombu import Connection, Producer
 
     celery_worker_factory(broker_url)
-    port = _free_port()
+    port = free_port()
     d = daemon_factory(
         broker_url,
         {"alert.yaml": slack_wf("alert", http_sink.url("/s"))},
@@ -335,20 +335,8 @@ def test_malformed_events_are_counted_and_skipped(
         )
     celery_client.send_task(FAIL)
     d.wait_runs("alert", 1, timeout=5)
-    import httpx
-
-    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
-    malformed = [
-        line for line in text.splitlines() if line.startswith("workflowd_events_malformed_total")
-    ]
-    assert malformed and float(malformed[0].split()[-1]) >= 5
+    assert metric(scrape_metrics(port), "workflowd_events_malformed_total") >= 5
     assert d.proc is not None and d.proc.poll() is None
-
-
-def _free_port() -> int:
-    from tests.support.procs import free_port
-
-    return free_port()
 
 
 def test_status_from_a_second_process(

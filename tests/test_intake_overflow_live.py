@@ -4,15 +4,14 @@ in its log and metrics, and goes on handling failures."""
 from __future__ import annotations
 
 import signal
-import socket
 import uuid
 from typing import Any
 
-import httpx
 import pytest
 
+from tests.support.daemon import metric, scrape_metrics
 from tests.support.httpsink import HttpSink
-from tests.support.procs import wait_for
+from tests.support.procs import free_port, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -30,26 +29,6 @@ WORKER = "celery@overflow-worker"
 TASK = "tests.overflow.charge"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _metrics(port: int) -> dict[str, float]:
-    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            out[name] = float(value)
-    return out
-
-
-def _sum(metrics: dict[str, float], prefix: str) -> float:
-    return sum(v for k, v in metrics.items() if k.startswith(prefix))
-
-
 def test_pubsub_overflow_ends_in_reconnect_and_recorded_gap(
     redis_server_factory: Any, http_sink: HttpSink, daemon_factory: Any
 ) -> None:
@@ -57,7 +36,7 @@ def test_pubsub_overflow_ends_in_reconnect_and_recorded_gap(
 
     server = redis_server_factory(PUBSUB_LIMIT)
     url = server.url(0)
-    port = _free_port()
+    port = free_port()
     d = daemon_factory(
         url,
         {
@@ -75,7 +54,7 @@ def test_pubsub_overflow_ends_in_reconnect_and_recorded_gap(
     dispatcher = app.events.Dispatcher(conn, hostname=WORKER, enabled=True)
 
     def heartbeats_counted() -> float:
-        return _sum(_metrics(port), 'workflowd_events_total{type="worker-heartbeat"}')
+        return metric(scrape_metrics(port), "workflowd_events_total", type="worker-heartbeat")
 
     def wait_consuming(timeout: float) -> None:
         """Live heartbeats until the daemon has counted a new one (it is subscribed)."""
@@ -121,7 +100,7 @@ def test_pubsub_overflow_ends_in_reconnect_and_recorded_gap(
             if str(e.get("event", "")).startswith("event stream resumed after a gap")
         )
         assert gap["level"] == "warning"
-        assert _sum(_metrics(port), "workflowd_intake_gaps_total") >= 1
+        assert metric(scrape_metrics(port), "workflowd_intake_gaps_total") >= 1
         assert d.proc.poll() is None, d.log_text()[-3000:]
 
         # Still handling failures afterwards.
@@ -151,7 +130,7 @@ def test_pubsub_overflow_ends_in_reconnect_and_recorded_gap(
         assert runs[0]["task_name"] == TASK
         posts = http_sink.wait_for_requests("/s", 1, timeout=5)
         assert posts[-1].json["text"] == f"{task_id} failed: ConnectionError('after the gap')"
-        assert _sum(_metrics(port), "workflowd_broker_connected") == 1
+        assert metric(scrape_metrics(port), "workflowd_broker_connected") == 1
     finally:
         if d.proc is not None and d.proc.poll() is None:
             d.signal(signal.SIGCONT)

@@ -23,9 +23,8 @@ from typing import Any
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support.daemon import DaemonProc
+from tests.support.daemon import DaemonProc, metric, scrape_metrics
 from tests.support.httpsink import HttpSink
 from tests.support.procs import free_port, wait_for
 from workflowd import loader
@@ -90,21 +89,6 @@ def wait_log(d: DaemonProc, event: str, timeout: float = 5.0) -> dict[str, Any]:
 def status_json(d: DaemonProc) -> tuple[int, list[dict[str, Any]], str]:
     res = d.cli("status", "--json", "--workflows-dir", str(d.workflows_dir), check=False)
     return res.returncode, json.loads(res.stdout or "[]"), res.stderr
-
-
-def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
-    out: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    return out
-
-
-def metric(
-    values: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str
-) -> float:
-    return values.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
 def configmap(root: Path, stamp: str, files: dict[str, str]) -> None:
@@ -230,7 +214,7 @@ def test_broken_edit_keeps_the_last_good_version_running(
     assert by_name["b"]["version"] == version_of(b2) and not by_name["b"]["kept_last_good"]
     human = d.cli("status", "--workflows-dir", str(wf), check=False)
     assert human.returncode == 1 and "kept last good version of" in human.stdout
-    m = scrape(port)
+    m = scrape_metrics(port)
     assert metric(m, "workflowd_config_last_reload_successful") == 0
     assert metric(m, "workflowd_workflow_files_failed") == 1
     assert metric(m, "workflowd_reload_errors_total") >= 1
@@ -251,7 +235,7 @@ def test_broken_edit_keeps_the_last_good_version_running(
     code, rows, err = status_json(d)
     assert code == 0 and err == ""
     assert {r["name"]: r["version"] for r in rows}["a"] == version_of(a3)
-    assert metric(scrape(port), "workflowd_config_last_reload_successful") == 1
+    assert metric(scrape_metrics(port), "workflowd_config_last_reload_successful") == 1
 
 
 # --- systemd notify -----------------------------------------------------------------------------
@@ -340,7 +324,7 @@ def test_watchdog_is_fed_while_the_broker_is_down(
 
     server = redis_server_factory(port=port)
     d.wait_ready(20)
-    assert metric(scrape(mport), "workflowd_broker_connected") == 1
+    assert metric(scrape_metrics(mport), "workflowd_broker_connected") == 1
 
     def lost() -> int:
         return sum(1 for e in d.log_events() if e["event"].startswith("broker connection lost"))
@@ -355,7 +339,7 @@ def test_watchdog_is_fed_while_the_broker_is_down(
     print(f"\nwatchdog ping gaps while the broker is down (s): {[round(g, 3) for g in gaps]}")
     assert all(g <= 1.4 for g in gaps), gaps
     assert any("broker disconnected, reconnecting" in m for _, m in _messages(d))
-    assert metric(scrape(mport), "workflowd_broker_connected") == 0
+    assert metric(scrape_metrics(mport), "workflowd_broker_connected") == 0
     assert httpx.get(f"http://127.0.0.1:{mport}/healthz", timeout=5).status_code == 200
     assert d.stop() == 0
 
@@ -453,7 +437,7 @@ def test_metrics_move_during_a_run_and_healthz_is_200(
     )
     health = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5)
     assert health.status_code == 200 and health.text == "ok\n"
-    before = scrape(port)
+    before = scrape_metrics(port)
     for _ in range(3):
         celery_client.send_task(FAIL)
     d.wait_runs("alert", 3, timeout=10)
@@ -461,7 +445,10 @@ def test_metrics_move_during_a_run_and_healthz_is_200(
         lambda: (
             m
             if metric(
-                m := scrape(port), "workflowd_runs_total", workflow="alert", outcome="success"
+                m := scrape_metrics(port),
+                "workflowd_runs_total",
+                workflow="alert",
+                outcome="success",
             )
             == 3
             else None

@@ -228,6 +228,26 @@ class DaemonProc:
         return result
 
 
+MetricValues = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def scrape_metrics(port: int) -> MetricValues:
+    """The daemon's /metrics, parsed: (sample name, sorted labels) -> value."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    out: MetricValues = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return out
+
+
+def metric(values: MetricValues, name: str, **labels: str) -> float:
+    return values.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
 @contextmanager
 def running_daemon(
     tmp_path: Path, broker_url: str, workflows: dict[str, str], **kwargs: Any

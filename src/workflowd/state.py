@@ -125,7 +125,6 @@ class ClusterState:
         self.workers: dict[str, WorkerInfo] = {}
         self.thresholds: tuple[float, ...] = ()
         self.malformed = 0
-        self.events = 0
         self.counts: dict[str, int] = {}
         # chain tasks whose state the store follows, and where their changes go
         self.watch: set[str] = set()
@@ -150,7 +149,6 @@ class ClusterState:
 
     def handle(self, event: Any) -> None:
         """One decoded event (a dict); malformed ones are counted and skipped."""
-        self.events += 1
         try:
             kind = event["type"]
             counts = self.counts
